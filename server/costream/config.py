@@ -1,0 +1,95 @@
+"""Settings from flags and the environment. Secrets are kept out of ``repr``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+DEMO_MODEL = "costream/demo"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server process is configured with."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
+    flush_ms: int = 30  # delta merging window; 0 turns merging off
+
+    # The LLM (the OpenHands SDK examples' variable names).
+    model: str = DEMO_MODEL
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str | None = None
+    demo_delay_ms: float = 25.0  # the demo model's pace per token; 0 in tests
+
+    # Access.
+    create_key: str | None = field(default=None, repr=False)  # COSTREAM_CREATE_KEY
+    allowed_origins: tuple[str, ...] = ()  # empty: the server's own host and loopback
+
+    # Limits.
+    max_message_chars: int = 100_000
+    max_frame_bytes: int = 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
+    max_viewers_per_conversation: int = 1000
+    viewer_queue_frames: int = 1024
+    log_retain: int = 10_000
+    max_steps: int = 10
+    max_tool_calls_per_step: int = 16
+    max_file_bytes: int = 256 * 1024
+    max_files: int = 100
+
+    # Timing.
+    hello_timeout_s: float = 10.0
+    heartbeat_s: float = 15.0
+    send_timeout_s: float = 10.0
+    lease_ttl_ms: int = 10_000
+    presence_ttl_ms: int = 15_000
+    llm_timeout_s: float = 60.0  # no chunk for this long: the call timed out
+    llm_retries: int = 2
+    retry_backoff_s: float = 0.5
+    shutdown_grace_s: float = 10.0
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == DEMO_MODEL
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Read ``REDIS_URL``, ``LLM_MODEL``, ``LLM_API_KEY``, ``LLM_BASE_URL``,
+        ``COSTREAM_*``; keyword arguments (from flags) win. With no API key and no model
+        the demo model is used."""
+        api_key = os.environ.get("LLM_API_KEY") or None
+        model = os.environ.get("LLM_MODEL") or (None if api_key else DEMO_MODEL)
+        origins = os.environ.get("COSTREAM_ALLOWED_ORIGINS", "")
+        settings = cls(
+            host=os.environ.get("COSTREAM_HOST", cls.host),
+            port=_env_int("COSTREAM_PORT", cls.port),
+            redis_url=os.environ.get("REDIS_URL") or None,
+            flush_ms=_env_int("COSTREAM_FLUSH_MS", cls.flush_ms),
+            model=model or DEMO_MODEL,
+            api_key=api_key,
+            base_url=os.environ.get("LLM_BASE_URL") or None,
+            demo_delay_ms=_env_float("COSTREAM_DEMO_DELAY_MS", cls.demo_delay_ms),
+            create_key=os.environ.get("COSTREAM_CREATE_KEY") or None,
+            allowed_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
+            lease_ttl_ms=_env_int("COSTREAM_LEASE_TTL_MS", cls.lease_ttl_ms),
+            heartbeat_s=_env_float("COSTREAM_HEARTBEAT_S", cls.heartbeat_s),
+            llm_timeout_s=_env_float("COSTREAM_LLM_TIMEOUT_S", cls.llm_timeout_s),
+            retry_backoff_s=_env_float("COSTREAM_RETRY_BACKOFF_S", cls.retry_backoff_s),
+            viewer_queue_frames=_env_int("COSTREAM_VIEWER_QUEUE", cls.viewer_queue_frames),
+            log_retain=_env_int("COSTREAM_LOG_RETAIN", cls.log_retain),
+        )
+        known = {f.name for f in fields(cls)}
+        return replace(settings, **{k: v for k, v in overrides.items() if k in known and v is not None})

@@ -1,0 +1,360 @@
+"""The wire protocol of PROTOCOL.md: every frame as a msgspec Struct, one encoder, one decoder.
+
+Logged events use AG-UI 1.0's names and camelCase fields. A producer encodes an event
+*without* its ``seq``; the broker splices ``"seq":N`` into the front of the bytes when it
+appends (:func:`with_seq`), so a frame is encoded once and the broker never parses JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+SUBPROTOCOL: Final = "costream.v1"
+
+# Close codes (PROTOCOL.md, "Close codes").
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_SERVER_ERROR: Final = 1011
+CLOSE_OVERLOADED: Final = 1013
+CLOSE_LOST_TAIL: Final = 4000
+CLOSE_SLOW_CONSUMER: Final = 4008
+CLOSE_BAD_FRAME: Final = 4400
+CLOSE_BAD_TOKEN: Final = 4401
+CLOSE_BAD_ORIGIN: Final = 4403
+CLOSE_UNKNOWN_CONVERSATION: Final = 4404
+
+# RUN_ERROR codes.
+ErrorCode = Literal[
+    "rate_limited", "auth", "timeout", "bad_request", "upstream", "producer_lost", "internal"
+]
+# Codes of the `error` control frame.
+RefusalCode = Literal[
+    "run_active", "no_run", "forbidden", "too_large", "bad_request", "rate_limited"
+]
+
+
+def now_ms() -> int:
+    """Milliseconds since 1970, the unit of every ``timestamp``."""
+    return time.time_ns() // 1_000_000
+
+
+class Frame(msgspec.Struct, tag_field="type", rename="camel", kw_only=True):
+    """Base of every frame; ``type`` is the tag."""
+
+
+class LoggedEvent(Frame, kw_only=True):
+    """An event that goes into a conversation's log and gets a ``seq``."""
+
+    seq: int | UnsetType = UNSET
+    timestamp: int = msgspec.field(default_factory=now_ms)
+
+
+# ---- payload shapes -------------------------------------------------------------------
+
+
+class UserMessage(msgspec.Struct, rename="camel", kw_only=True):
+    id: str
+    content: str
+    role: Literal["user"] = "user"
+
+
+class RunAgentInput(msgspec.Struct, rename="camel", kw_only=True):
+    thread_id: str
+    run_id: str
+    messages: list[UserMessage]
+
+
+class Usage(msgspec.Struct, rename="camel", kw_only=True):
+    """Token counts of a step or a run."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+        )
+
+
+class TokenUsage(msgspec.Struct, rename="camel", kw_only=True, omit_defaults=True):
+    """AG-UI's ``TokenUsage``, the element of ``RUN_FINISHED.usage``."""
+
+    model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+
+
+class StepStartedMeta(msgspec.Struct, rename="camel", kw_only=True):
+    model: str
+    attempt: int = 1
+
+
+StepFinishReason = str  # the model's own (`stop`, `tool_calls`, ...) or retry/cancelled/error
+
+
+class StepFinishedMeta(msgspec.Struct, rename="camel", kw_only=True):
+    finish_reason: StepFinishReason
+    usage: Usage = msgspec.field(default_factory=Usage)
+    cost_usd: float = 0.0
+
+
+class ToolResultMeta(msgspec.Struct, rename="camel", kw_only=True):
+    is_error: bool = False
+
+
+class RunOutcome(msgspec.Struct, rename="camel", kw_only=True):
+    type: Literal["success", "cancelled"]
+
+
+class RunFinishedMeta(msgspec.Struct, rename="camel", kw_only=True):
+    cost_usd: float = 0.0
+    total_cost_usd: float = 0.0
+
+
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class SnapshotMessage(msgspec.Struct, rename="camel", kw_only=True, omit_defaults=True):
+    """An AG-UI message in ``MESSAGES_SNAPSHOT``: user, assistant, tool or reasoning."""
+
+    id: str
+    role: Literal["user", "assistant", "tool", "reasoning", "system"]
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    error: str | None = None
+
+
+# ---- logged events --------------------------------------------------------------------
+
+
+class RunStarted(LoggedEvent, tag="RUN_STARTED", kw_only=True):
+    thread_id: str
+    run_id: str
+    input: RunAgentInput
+
+
+class StepStarted(LoggedEvent, tag="STEP_STARTED", kw_only=True):
+    step_name: str
+    metadata: StepStartedMeta
+
+
+class ReasoningStart(LoggedEvent, tag="REASONING_START", kw_only=True):
+    message_id: str
+
+
+class ReasoningMessageStart(LoggedEvent, tag="REASONING_MESSAGE_START", kw_only=True):
+    message_id: str
+    role: Literal["reasoning"] = "reasoning"
+
+
+class ReasoningMessageContent(LoggedEvent, tag="REASONING_MESSAGE_CONTENT", kw_only=True):
+    message_id: str
+    delta: str
+
+
+class ReasoningMessageEnd(LoggedEvent, tag="REASONING_MESSAGE_END", kw_only=True):
+    message_id: str
+
+
+class ReasoningEnd(LoggedEvent, tag="REASONING_END", kw_only=True):
+    message_id: str
+
+
+class TextMessageStart(LoggedEvent, tag="TEXT_MESSAGE_START", kw_only=True):
+    message_id: str
+    role: Literal["assistant"] = "assistant"
+
+
+class TextMessageContent(LoggedEvent, tag="TEXT_MESSAGE_CONTENT", kw_only=True):
+    message_id: str
+    delta: str
+
+
+class TextMessageEnd(LoggedEvent, tag="TEXT_MESSAGE_END", kw_only=True):
+    message_id: str
+
+
+class ToolCallStart(LoggedEvent, tag="TOOL_CALL_START", kw_only=True):
+    tool_call_id: str
+    tool_call_name: str
+    parent_message_id: str
+
+
+class ToolCallArgs(LoggedEvent, tag="TOOL_CALL_ARGS", kw_only=True):
+    tool_call_id: str
+    delta: str
+
+
+class ToolCallEnd(LoggedEvent, tag="TOOL_CALL_END", kw_only=True):
+    tool_call_id: str
+
+
+class ToolCallResult(LoggedEvent, tag="TOOL_CALL_RESULT", kw_only=True):
+    message_id: str
+    tool_call_id: str
+    content: str
+    role: Literal["tool"] = "tool"
+    metadata: ToolResultMeta = msgspec.field(default_factory=ToolResultMeta)
+
+
+class StepFinished(LoggedEvent, tag="STEP_FINISHED", kw_only=True):
+    step_name: str
+    metadata: StepFinishedMeta
+
+
+class RunFinished(LoggedEvent, tag="RUN_FINISHED", kw_only=True):
+    thread_id: str
+    run_id: str
+    outcome: RunOutcome
+    usage: list[TokenUsage]
+    metadata: RunFinishedMeta
+
+
+class RunError(LoggedEvent, tag="RUN_ERROR", kw_only=True):
+    message: str
+    code: ErrorCode
+
+
+class MessagesSnapshot(LoggedEvent, tag="MESSAGES_SNAPSHOT", kw_only=True):
+    messages: list[SnapshotMessage]
+
+
+class Custom(LoggedEvent, tag="CUSTOM", kw_only=True):
+    name: str
+    value: dict[str, Any]
+
+
+Event = (
+    RunStarted
+    | StepStarted
+    | ReasoningStart
+    | ReasoningMessageStart
+    | ReasoningMessageContent
+    | ReasoningMessageEnd
+    | ReasoningEnd
+    | TextMessageStart
+    | TextMessageContent
+    | TextMessageEnd
+    | ToolCallStart
+    | ToolCallArgs
+    | ToolCallEnd
+    | ToolCallResult
+    | StepFinished
+    | RunFinished
+    | RunError
+    | MessagesSnapshot
+    | Custom
+)
+
+# Events that open a segment, and the event that closes each (for closing what is open).
+SEGMENT_STARTS: Final = (ReasoningStart, ReasoningMessageStart, TextMessageStart, ToolCallStart)
+
+# ---- control frames -------------------------------------------------------------------
+
+
+class Hello(Frame, tag="hello", kw_only=True):
+    conversation_id: str
+    token: str
+    last_seq: int = 0
+    epoch: str | None = None
+
+
+class SendMessage(Frame, tag="message", kw_only=True):
+    content: str
+
+
+class Cancel(Frame, tag="cancel", kw_only=True):
+    pass
+
+
+class Ping(Frame, tag="ping", kw_only=True):
+    pass
+
+
+ClientFrame = Hello | SendMessage | Cancel | Ping
+
+
+class Welcome(Frame, tag="welcome", kw_only=True):
+    conversation_id: str
+    epoch: str
+    head: int
+    role: Literal["viewer", "writer"]
+    viewers: int
+    mode: Literal["replay", "snapshot"]
+    model: str
+
+
+class Presence(Frame, tag="presence", kw_only=True):
+    viewers: int
+
+
+class Heartbeat(Frame, tag="heartbeat", kw_only=True):
+    head: int
+
+
+class Pong(Frame, tag="pong", kw_only=True):
+    pass
+
+
+class Accepted(Frame, tag="accepted", kw_only=True):
+    run_id: str
+
+
+class Error(Frame, tag="error", kw_only=True):
+    code: RefusalCode
+    message: str
+
+
+ServerFrame = Welcome | Presence | Heartbeat | Pong | Accepted | Error | Event
+
+# ---- encoding -------------------------------------------------------------------------
+
+encoder: Final = msgspec.json.Encoder()
+client_frame_decoder: Final = msgspec.json.Decoder(ClientFrame)
+server_frame_decoder: Final = msgspec.json.Decoder(ServerFrame)
+event_decoder: Final = msgspec.json.Decoder(Event)
+
+_SEQ_PREFIX: Final = b'{"seq":'
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode any frame. A logged event without ``seq`` is encoded without it."""
+    return encoder.encode(frame)
+
+
+def with_seq(body: bytes, seq: int) -> bytes:
+    """Splice ``seq`` into an encoded event: ``{"type":..}`` becomes ``{"seq":N,"type":..}``.
+
+    The Redis broker's Lua script does the same with the same bytes.
+    """
+    return b'{"seq":%d,%s' % (seq, body[1:])
+
+
+def is_logged_frame(frame: bytes) -> bool:
+    """Whether a frame from the broker is a logged event (as opposed to presence)."""
+    return frame.startswith(_SEQ_PREFIX)
+
+
+def seq_of(frame: bytes) -> int:
+    """The ``seq`` of a frame made by :func:`with_seq`, read without decoding the JSON."""
+    end = frame.index(b",", len(_SEQ_PREFIX))
+    return int(frame[len(_SEQ_PREFIX) : end])
