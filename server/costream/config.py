@@ -53,7 +53,7 @@ class Settings:
     # Timing.
     hello_timeout_s: float = 10.0
     heartbeat_s: float = 15.0
-    send_timeout_s: float = 10.0
+    send_timeout_s: float = 30.0  # a socket that takes no data this long is closed 4008
     lease_ttl_ms: int = 10_000
     presence_ttl_ms: int = 15_000
     llm_timeout_s: float = 60.0  # no chunk for this long: the call timed out
@@ -85,6 +85,13 @@ class Settings:
             create_key=os.environ.get("COSTREAM_CREATE_KEY") or None,
             allowed_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
             lease_ttl_ms=_env_int("COSTREAM_LEASE_TTL_MS", cls.lease_ttl_ms),
+            presence_ttl_ms=_env_int("COSTREAM_PRESENCE_TTL_MS", cls.presence_ttl_ms),
+            hello_timeout_s=_env_float("COSTREAM_HELLO_TIMEOUT_S", cls.hello_timeout_s),
+            send_timeout_s=_env_float("COSTREAM_SEND_TIMEOUT_S", cls.send_timeout_s),
+            max_message_chars=_env_int("COSTREAM_MAX_MESSAGE_CHARS", cls.max_message_chars),
+            max_viewers_per_conversation=_env_int(
+                "COSTREAM_MAX_VIEWERS", cls.max_viewers_per_conversation
+            ),
             heartbeat_s=_env_float("COSTREAM_HEARTBEAT_S", cls.heartbeat_s),
             llm_timeout_s=_env_float("COSTREAM_LLM_TIMEOUT_S", cls.llm_timeout_s),
             retry_backoff_s=_env_float("COSTREAM_RETRY_BACKOFF_S", cls.retry_backoff_s),
@@ -92,4 +99,6 @@ class Settings:
             log_retain=_env_int("COSTREAM_LOG_RETAIN", cls.log_retain),
         )
         known = {f.name for f in fields(cls)}
-        return replace(settings, **{k: v for k, v in overrides.items() if k in known and v is not None})
+        return replace(
+            settings, **{k: v for k, v in overrides.items() if k in known and v is not None}
+        )

@@ -1,11 +1,11 @@
 """costream's exceptions, one root.
 
-    CostreamError
-    ├── NotFound            unknown conversation (HTTP 404, close 4404)
-    ├── RunActive           a run is already active (HTTP 409, error run_active)
-    ├── NoRun               nothing to cancel (HTTP 409, error no_run)
-    ├── LeaseLost           this process no longer holds the run lease (fencing token moved on)
-    └── StorageUnavailable  the broker's storage did not answer (HTTP 503, close 4000)
+CostreamError
+├── NotFound            unknown conversation (HTTP 404, close 4404)
+├── RunActive           a run is already active (HTTP 409, error run_active)
+├── NoRun               nothing to cancel (HTTP 409, error no_run)
+├── LeaseLost           this process no longer holds the run lease (fencing token moved on)
+└── StorageUnavailable  the broker's storage did not answer (HTTP 503, close 4000)
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ appends (:func:`with_seq`), so a frame is encoded once and the broker never pars
 from __future__ import annotations
 
 import time
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -273,8 +273,8 @@ SEGMENT_STARTS: Final = (ReasoningStart, ReasoningMessageStart, TextMessageStart
 
 class Hello(Frame, tag="hello", kw_only=True):
     conversation_id: str
-    token: str
-    last_seq: int = 0
+    token: str = ""  # missing: rejected as a wrong token (4401), not as a bad frame
+    last_seq: Annotated[int, msgspec.Meta(ge=0)] = 0
     epoch: str | None = None
 
 

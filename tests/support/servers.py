@@ -1,1 +1,123 @@
-"""Placeholder: filled in by its owner."""
+"""Real ``costream serve`` processes on free ports, for integration and browser tests.
+
+    def test_something(start_server, redis_url):
+        a = start_server(redis_url=redis_url)          # a ServerProcess, already healthy
+        b = start_server(redis_url=redis_url, env={"LLM_MODEL": "openai/x"})
+        a.url, a.ws_url(conversation_id), a.log_text(), a.kill(), a.restart()
+
+Every process started through the fixture is stopped at the end of the test. The demo
+model runs instantly (``COSTREAM_DEMO_DELAY_MS=0``) unless ``env`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """One ``costream serve`` subprocess; its output goes to ``log_path``."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
+        self.args, self.env, self.log_path, self.port = args, env, log_path, port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ws_url(self, conversation_id: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/conversations/{conversation_id}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"costream serve exited early:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"costream serve did not get healthy:\n{self.log_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies without any cleanup."""
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """A factory of healthy ``costream serve`` processes, all stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(
+        *, redis_url: str | None = None, env: dict[str, str] | None = None, args: list[str] = ()
+    ) -> ServerProcess:
+        port = free_port()
+        full_env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("LLM_", "COSTREAM_", "REDIS_"))
+        }
+        full_env.update(
+            {
+                "COSTREAM_DEMO_DELAY_MS": "0",
+                "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        full_env.update(env or {})
+        command = [sys.executable, "-m", "costream.cli", "serve", "--port", str(port), *args]
+        if redis_url:
+            command += ["--redis-url", redis_url]
+        server = ServerProcess(command, full_env, tmp_path / f"server-{port}.log", port)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """One embedded-mode server (memory broker, demo model)."""
+    return start_server()

@@ -1,0 +1,264 @@
+"""The embedded broker: one process, nothing to run, the same guarantees as Redis.
+
+Everything is plain Python state on the event loop, so each method is atomic by
+construction (no await inside a state change). ``on_frame`` is called synchronously
+right after a frame is stored, in append order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from . import protocol
+from .broker import ActiveRun, Broker, FrameListener, LogState, ResyncListener, RunLease
+from .errors import LeaseLost, RunActive, StorageUnavailable
+
+
+def _now_ms() -> float:
+    return time.monotonic() * 1000
+
+
+@dataclass
+class _Run:
+    run_id: str
+    fence: int
+    start_seq: int
+    lease_expires_ms: float
+    cancel: bool = False
+
+
+@dataclass
+class _Conversation:
+    record: dict[str, bytes]
+    epoch: str
+    head: int = 0
+    log: deque[tuple[int, bytes]] = field(default_factory=deque)
+    snapshot: bytes | None = None
+    snapshot_seq: int = 0
+    fence: int = 0
+    run: _Run | None = None
+    presence: dict[str, float] = field(default_factory=dict)  # viewer id -> expiry (ms)
+    maps: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    lists: dict[str, list[bytes]] = field(default_factory=dict)
+
+
+class MemoryBroker(Broker):
+    """All conversations in this process's memory; lost when it exits."""
+
+    def __init__(self, log_retain: int = 10_000) -> None:
+        self.log_retain = log_retain
+        self._conversations: dict[str, _Conversation] = {}
+        self._subscribed: set[str] = set()
+        self._on_frame: FrameListener | None = None
+        self._closed = False
+
+    async def start(self, on_frame: FrameListener, on_resync: ResyncListener) -> None:
+        self._on_frame = on_frame
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True
+
+    async def ping(self) -> bool:
+        return not self._closed
+
+    def _get(self, conversation_id: str) -> _Conversation:
+        if self._closed:
+            raise StorageUnavailable("broker closed")
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None:
+            # Callers check existence first; a missing conversation here is a storage loss.
+            raise StorageUnavailable("conversation vanished")
+        return conversation
+
+    # ---- records ---------------------------------------------------------------------
+    async def create_conversation(self, conversation_id: str, record: dict[str, bytes]) -> str:
+        epoch = secrets.token_urlsafe(12)
+        self._conversations[conversation_id] = _Conversation(
+            record={**record, "epoch": epoch.encode()}, epoch=epoch
+        )
+        return epoch
+
+    async def get_record(self, conversation_id: str) -> dict[str, bytes] | None:
+        if self._closed:
+            raise StorageUnavailable("broker closed")
+        conversation = self._conversations.get(conversation_id)
+        return None if conversation is None else dict(conversation.record)
+
+    async def update_record(self, conversation_id: str, fields: dict[str, bytes]) -> None:
+        self._get(conversation_id).record.update(fields)
+
+    async def add_to_record(self, conversation_id: str, field: str, amount: float) -> float:
+        record = self._get(conversation_id).record
+        value = float(record.get(field, b"0")) + amount
+        record[field] = repr(value).encode()
+        return value
+
+    # ---- maps and lists ----------------------------------------------------------------
+    async def map_get(self, conversation_id: str, name: str, key: str) -> bytes | None:
+        return self._get(conversation_id).maps.get(name, {}).get(key)
+
+    async def map_set(self, conversation_id: str, name: str, key: str, value: bytes) -> None:
+        self._get(conversation_id).maps.setdefault(name, {})[key] = value
+
+    async def map_delete(self, conversation_id: str, name: str, key: str) -> bool:
+        return self._get(conversation_id).maps.get(name, {}).pop(key, None) is not None
+
+    async def map_all(self, conversation_id: str, name: str) -> dict[str, bytes]:
+        return dict(self._get(conversation_id).maps.get(name, {}))
+
+    async def list_append(self, conversation_id: str, name: str, items: Sequence[bytes]) -> None:
+        self._get(conversation_id).lists.setdefault(name, []).extend(items)
+
+    async def list_all(self, conversation_id: str, name: str) -> list[bytes]:
+        return list(self._get(conversation_id).lists.get(name, []))
+
+    # ---- the log -------------------------------------------------------------------
+    async def log_state(self, conversation_id: str) -> LogState | None:
+        if self._closed:
+            raise StorageUnavailable("broker closed")
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None:
+            return None
+        first = conversation.log[0][0] if conversation.log else conversation.head + 1
+        return LogState(conversation.epoch, conversation.head, first, conversation.snapshot_seq)
+
+    async def read_log(self, conversation_id: str, after_seq: int, limit: int) -> list[bytes]:
+        log = self._get(conversation_id).log
+        if not log:
+            return []
+        # seqs in the deque are contiguous, so the position of after_seq + 1 is arithmetic.
+        start = max(0, after_seq + 1 - log[0][0])
+        return [frame for _, frame in itertools.islice(log, start, start + limit)]
+
+    async def read_snapshot(self, conversation_id: str) -> bytes | None:
+        return self._get(conversation_id).snapshot
+
+    def _append(self, conversation_id: str, conversation: _Conversation, body: bytes) -> int:
+        conversation.head += 1
+        seq = conversation.head
+        frame = protocol.with_seq(body, seq)
+        conversation.log.append((seq, frame))
+        if self._on_frame is not None and conversation_id in self._subscribed:
+            self._on_frame(conversation_id, frame)
+        return seq
+
+    def _trim(self, conversation: _Conversation) -> None:
+        # Keep the last log_retain events and everything after the latest snapshot.
+        keep_from = min(conversation.head - self.log_retain + 1, conversation.snapshot_seq + 1)
+        log = conversation.log
+        while log and log[0][0] < keep_from:
+            log.popleft()
+
+    def _check_lease(self, lease: RunLease) -> _Conversation:
+        conversation = self._get(lease.conversation_id)
+        run = conversation.run
+        if run is None or run.fence != lease.fence or run.lease_expires_ms < _now_ms():
+            raise LeaseLost(lease.conversation_id)
+        return conversation
+
+    # ---- runs ----------------------------------------------------------------------
+    async def start_run(
+        self, conversation_id: str, run_id: str, body: bytes, ttl_ms: int
+    ) -> RunLease:
+        conversation = self._get(conversation_id)
+        if conversation.run is not None:
+            raise RunActive(conversation_id)
+        conversation.fence += 1
+        seq = conversation.head + 1
+        conversation.run = _Run(run_id, conversation.fence, seq, _now_ms() + ttl_ms)
+        self._append(conversation_id, conversation, body)
+        self._trim(conversation)
+        return RunLease(conversation_id, run_id, conversation.fence)
+
+    async def append(self, lease: RunLease, bodies: Sequence[bytes]) -> int:
+        conversation = self._check_lease(lease)
+        for body in bodies:
+            self._append(lease.conversation_id, conversation, body)
+        self._trim(conversation)
+        return conversation.head
+
+    async def finish_run(
+        self, lease: RunLease, bodies: Sequence[bytes], snapshot: bytes | None
+    ) -> int:
+        conversation = self._check_lease(lease)
+        for body in bodies:
+            self._append(lease.conversation_id, conversation, body)
+        conversation.run = None
+        if snapshot is not None:
+            conversation.snapshot = protocol.with_seq(snapshot, conversation.head)
+            conversation.snapshot_seq = conversation.head
+        self._trim(conversation)
+        return conversation.head
+
+    async def renew_lease(self, lease: RunLease, ttl_ms: int) -> bool:
+        conversation = self._check_lease(lease)
+        assert conversation.run is not None
+        conversation.run.lease_expires_ms = _now_ms() + ttl_ms
+        return conversation.run.cancel
+
+    async def request_cancel(self, conversation_id: str) -> str | None:
+        run = self._get(conversation_id).run
+        if run is None:
+            return None
+        run.cancel = True
+        return run.run_id
+
+    async def active_run(self, conversation_id: str) -> ActiveRun | None:
+        run = self._get(conversation_id).run
+        if run is None:
+            return None
+        return ActiveRun(run.run_id, run.fence, run.start_seq, run.lease_expires_ms >= _now_ms())
+
+    async def take_over_run(self, conversation_id: str, ttl_ms: int) -> RunLease | None:
+        conversation = self._get(conversation_id)
+        run = conversation.run
+        if run is None or run.lease_expires_ms >= _now_ms():
+            return None
+        conversation.fence += 1
+        run.fence = conversation.fence
+        run.lease_expires_ms = _now_ms() + ttl_ms
+        return RunLease(conversation_id, run.run_id, run.fence)
+
+    # ---- live tail -------------------------------------------------------------------
+    async def subscribe(self, conversation_id: str) -> None:
+        self._subscribed.add(conversation_id)
+
+    async def unsubscribe(self, conversation_id: str) -> None:
+        self._subscribed.discard(conversation_id)
+
+    # ---- presence --------------------------------------------------------------------
+    def _publish_presence(self, conversation_id: str, count: int) -> None:
+        if self._on_frame is not None and conversation_id in self._subscribed:
+            self._on_frame(conversation_id, protocol.encode(protocol.Presence(viewers=count)))
+
+    async def presence_join(self, conversation_id: str, viewer_id: str, ttl_ms: int) -> int:
+        presence = self._get(conversation_id).presence
+        presence[viewer_id] = _now_ms() + ttl_ms
+        self._publish_presence(conversation_id, len(presence))
+        return len(presence)
+
+    async def presence_leave(self, conversation_id: str, viewer_id: str) -> int:
+        presence = self._get(conversation_id).presence
+        presence.pop(viewer_id, None)
+        self._publish_presence(conversation_id, len(presence))
+        return len(presence)
+
+    async def presence_refresh(
+        self, conversation_id: str, viewer_ids: Sequence[str], ttl_ms: int
+    ) -> int:
+        presence = self._get(conversation_id).presence
+        now = _now_ms()
+        before = len(presence)
+        for viewer_id in viewer_ids:
+            presence[viewer_id] = now + ttl_ms
+        for viewer_id in [v for v, expires in presence.items() if expires < now]:
+            del presence[viewer_id]
+        if len(presence) != before:
+            self._publish_presence(conversation_id, len(presence))
+        return len(presence)

@@ -1,0 +1,227 @@
+"""Fan-out inside one server process, and the no-gap/no-duplicate handoff from log to live.
+
+The hub holds one broker subscription per conversation with local followers and copies
+each frame, decoded to text once, into every follower's bounded :class:`ViewerQueue`
+without ever waiting on one. A :class:`Follower` turns "the log after seq N, then the
+live tail" into one ordered stream:
+
+- it subscribes before it reads the log, then drops every live frame it already sent and
+  fills any hole from the log (the broker stores a frame before it publishes it);
+- a follower whose queue overflows stops receiving live frames and is fed from the log at
+  its own pace, then rejoins the live tail; only when what it needs was trimmed from the
+  log does it fail with :class:`FellBehind` (close 4008).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Final
+
+from .broker import Broker
+from .metrics import Metrics
+
+_SEQ_PREFIX: Final = '{"seq":'
+_LOG_PAGE: Final = 500
+
+
+def seq_of_text(frame: str) -> int:
+    """The seq of a logged frame, 0 for a frame that is not logged (presence)."""
+    if not frame.startswith(_SEQ_PREFIX):
+        return 0
+    return int(frame[len(_SEQ_PREFIX) : frame.index(",", len(_SEQ_PREFIX))])
+
+
+class FellBehind(Exception):
+    """The events a follower needs were trimmed from the log."""
+
+
+class ViewerQueue:
+    """Live frames waiting for one follower, at most ``maxsize``.
+
+    ``offer`` never blocks: on overflow the queue empties itself and marks the follower as
+    lagging, and drops live frames until the follower has caught up from the log.
+    """
+
+    def __init__(self, maxsize: int, metrics: Metrics) -> None:
+        self.maxsize = maxsize
+        self.frames: deque[str] = deque()
+        self.control: deque[str] = deque()  # replies to this client: pong, accepted, error
+        self.lagging = False
+        self.resync = False
+        self._wakeup = asyncio.Event()
+        self._metrics = metrics
+
+    def offer(self, frame: str) -> None:
+        if self.lagging:
+            return
+        if len(self.frames) >= self.maxsize:
+            # Never block the fan-out on one viewer: switch it to the log instead.
+            self.frames.clear()
+            self.lagging = True
+            self._metrics.catch_ups.inc()
+        else:
+            self.frames.append(frame)
+        self._wakeup.set()
+
+    def reply(self, frame: str) -> None:
+        self.control.append(frame)
+        self._wakeup.set()
+
+    def mark_resync(self) -> None:
+        """Frames may have been lost upstream: check the log."""
+        self.resync = True
+        self._wakeup.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until something is queued; False on timeout."""
+        if self.frames or self.control or self.lagging or self.resync:
+            return True
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class Hub:
+    """One process's subscriptions, shared by all its followers of each conversation."""
+
+    def __init__(self, broker: Broker, metrics: Metrics) -> None:
+        self.broker = broker
+        self.metrics = metrics
+        self._queues: dict[str, set[ViewerQueue]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def conversations(self) -> list[str]:
+        """Conversations that have local followers."""
+        return list(self._queues)
+
+    def on_frame(self, conversation_id: str, frame: bytes) -> None:
+        """Broker listener: copy one frame into every local follower's queue."""
+        queues = self._queues.get(conversation_id)
+        if not queues:
+            return
+        text = frame.decode()
+        for queue in queues:
+            queue.offer(text)
+
+    def on_resync(self, conversation_id: str) -> None:
+        """Broker listener: the subscription broke and was re-established."""
+        for queue in self._queues.get(conversation_id, ()):
+            queue.mark_resync()
+
+    async def attach(self, conversation_id: str, queue: ViewerQueue) -> None:
+        """Start copying live frames into ``queue``; subscribed when this returns."""
+        lock = self._locks.setdefault(conversation_id, asyncio.Lock())
+        async with lock:
+            queues = self._queues.get(conversation_id)
+            if queues is None:
+                await self.broker.subscribe(conversation_id)
+                queues = self._queues[conversation_id] = set()
+            queues.add(queue)
+
+    async def detach(self, conversation_id: str, queue: ViewerQueue) -> None:
+        lock = self._locks.setdefault(conversation_id, asyncio.Lock())
+        async with lock:
+            queues = self._queues.get(conversation_id)
+            if queues is None:
+                return
+            queues.discard(queue)
+            if not queues:
+                del self._queues[conversation_id]
+                self._locks.pop(conversation_id, None)
+                await self.broker.unsubscribe(conversation_id)
+
+
+class Follower:
+    """The frames of one conversation after ``last_sent``, in seq order, then live.
+
+    Use as ``async with Follower(...) as follower`` and call :meth:`next_batch` in a loop.
+    Presence frames are passed through (``logged_only=False``) and control replies come
+    first.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        conversation_id: str,
+        last_sent: int,
+        queue_size: int,
+        *,
+        logged_only: bool = False,
+    ) -> None:
+        self.hub = hub
+        self.conversation_id = conversation_id
+        self.last_sent = last_sent
+        self.queue = ViewerQueue(queue_size, hub.metrics)
+        self.logged_only = logged_only
+        self._needs_log = True
+
+    async def __aenter__(self) -> Follower:
+        await self.hub.attach(self.conversation_id, self.queue)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.hub.detach(self.conversation_id, self.queue)
+
+    async def next_batch(self, timeout: float) -> list[str]:
+        """The next frames to send, in order; [] when nothing came within ``timeout``."""
+        queue = self.queue
+        while True:
+            batch = list(queue.control)
+            queue.control.clear()
+            if queue.lagging or queue.resync:
+                queue.lagging = queue.resync = False
+                queue.frames.clear()
+                self._needs_log = True
+            if self._needs_log:
+                batch += await self._read_log_page()
+                if batch:
+                    return batch
+                continue
+            while queue.frames:
+                frame = queue.frames.popleft()
+                seq = seq_of_text(frame)
+                if seq == 0:
+                    if not self.logged_only:
+                        batch.append(frame)
+                elif seq == self.last_sent + 1:
+                    self.last_sent = seq
+                    batch.append(frame)
+                elif seq > self.last_sent + 1:
+                    # A hole (a frame lost on the pub/sub path): the log has it.
+                    queue.frames.clear()
+                    self._needs_log = True
+                    break
+            if batch:
+                return batch
+            if self._needs_log:
+                continue
+            if not await queue.wait(timeout):
+                return []
+
+    async def check_head(self) -> int:
+        """The log's head; if it is past what was sent, the next batch reads the log.
+        Called when idle, so a lost last frame is never waited for forever."""
+        state = await self.hub.broker.log_state(self.conversation_id)
+        head = state.head if state else self.last_sent
+        if head > self.last_sent:
+            self._needs_log = True
+            self.queue.mark_resync()
+        return head
+
+    async def _read_log_page(self) -> list[str]:
+        # Live frames queued from here on are deduplicated against what the log gives.
+        self._needs_log = False
+        frames = await self.hub.broker.read_log(self.conversation_id, self.last_sent, _LOG_PAGE)
+        if not frames:
+            return []
+        texts = [frame.decode() for frame in frames]
+        if seq_of_text(texts[0]) > self.last_sent + 1:
+            raise FellBehind(self.conversation_id)
+        self.last_sent = seq_of_text(texts[-1])
+        if len(frames) == _LOG_PAGE:
+            self._needs_log = True
+        return texts

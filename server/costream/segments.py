@@ -1,0 +1,340 @@
+"""LiteLLM stream chunks to protocol events: segment boundaries, ids, tool-call fragments.
+
+:class:`StepSegments` is the token callback of the OpenHands example made exact: it
+detects where a reasoning, text or tool-call segment starts and ends, gives each its id,
+and never emits an event for an empty delta. It reads chunks by attribute (LiteLLM's
+``ModelResponseStream``) or by key (plain dicts) and never imports LiteLLM.
+:class:`DeltaMerger` merges consecutive deltas of one segment within a flush window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .protocol import (
+    Event,
+    FunctionCall,
+    ReasoningEnd,
+    ReasoningMessageContent,
+    ReasoningMessageEnd,
+    ReasoningMessageStart,
+    ReasoningStart,
+    TextMessageContent,
+    TextMessageEnd,
+    TextMessageStart,
+    ToolCall,
+    ToolCallArgs,
+    ToolCallEnd,
+    ToolCallStart,
+)
+
+
+def new_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def _get(obj: object, name: str) -> object:
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _text(obj: object, name: str) -> str:
+    value = _get(obj, name)
+    return value if isinstance(value, str) else ""
+
+
+@dataclass
+class _ToolCall:
+    id: str
+    index: int | None
+    name: str = ""
+    arguments: str = ""
+    started: bool = False  # TOOL_CALL_START is out (it needs the name)
+    pending_args: str = ""  # arguments that came before the name
+
+
+@dataclass
+class StepOutput:
+    """What one step said, for the conversation's history."""
+
+    message_id: str
+    reasoning: list[tuple[str, str]] = field(default_factory=list)  # (message id, text)
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+class StepSegments:
+    """Segments of one LLM step (one streamed call)."""
+
+    def __init__(self, new_id: Callable[[], str] = new_id) -> None:
+        self._new_id = new_id
+        self.parent_message_id = new_id()
+        self._open: Literal["reasoning", "text"] | None = None
+        self._open_id = ""
+        self._text_used_parent_id = False
+        self._tools: list[_ToolCall] = []
+        self._tools_closed = False
+        self._reasoning: list[tuple[str, str]] = []
+        self._content: list[str] = []
+
+    # ---- input -------------------------------------------------------------------
+    def feed(self, chunk: object) -> list[Event]:
+        """Events for one chunk, in order; [] for empty and usage-only chunks."""
+        events: list[Event] = []
+        choices = _get(chunk, "choices")
+        if not isinstance(choices, list):
+            return events
+        for choice in choices:
+            delta = _get(choice, "delta")
+            if delta is None:
+                continue
+            reasoning = _text(delta, "reasoning_content")
+            if reasoning:
+                self._seen_reasoning_content = True
+            else:
+                # Anthropic through LiteLLM: thinking_blocks carry the same text as
+                # reasoning_content, and the closing "signature" chunk repeats the whole
+                # thinking text with only thinking_blocks set. Use thinking_blocks only
+                # while no reasoning_content was seen in this step, so text goes out once.
+                reasoning = self._thinking_without_reasoning_content(delta)
+            if reasoning:
+                events += self._reasoning_delta(reasoning)
+            content = _text(delta, "content")
+            if content:
+                events += self._text_delta(content)
+            tool_calls = _get(delta, "tool_calls")
+            if isinstance(tool_calls, list):
+                for fragment in tool_calls:
+                    events += self._tool_fragment(fragment)
+        return events
+
+    def feed_text(self, text: str) -> list[Event]:
+        """A plain string as content (some agents hand text, not chunks)."""
+        return self._text_delta(text) if text else []
+
+    def close(self) -> list[Event]:
+        """End whatever is open (tool calls in start order). Idempotent."""
+        events = self._end_open()
+        events += self._end_tools()
+        return events
+
+    def output(self) -> StepOutput:
+        tool_calls = [
+            ToolCall(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments or "{}"))
+            for t in self._tools
+            if t.name
+        ]
+        return StepOutput(
+            self.parent_message_id, list(self._reasoning), "".join(self._content), tool_calls
+        )
+
+    # ---- segments --------------------------------------------------------------------
+    _seen_reasoning_content = False
+
+    def _thinking_without_reasoning_content(self, delta: object) -> str:
+        blocks = _get(delta, "thinking_blocks")
+        if self._seen_reasoning_content or not isinstance(blocks, list):
+            return ""
+        so_far = self._reasoning[-1][1] if self._reasoning and self._open == "reasoning" else ""
+        texts = []
+        for block in blocks:
+            text = _text(block, "thinking")
+            if _get(block, "signature") and text == so_far:
+                continue  # the signature block repeats the thinking already streamed
+            texts.append(text)
+        return "".join(texts)
+
+    def _reasoning_delta(self, text: str) -> list[Event]:
+        events: list[Event] = []
+        if self._open != "reasoning":
+            events += self._end_open()
+            events += self._end_tools()
+            self._open, self._open_id = "reasoning", self._new_id()
+            self._reasoning.append((self._open_id, ""))
+            events += [
+                ReasoningStart(message_id=self._open_id),
+                ReasoningMessageStart(message_id=self._open_id),
+            ]
+        message_id, so_far = self._reasoning[-1]
+        self._reasoning[-1] = (message_id, so_far + text)
+        events.append(ReasoningMessageContent(message_id=self._open_id, delta=text))
+        return events
+
+    def _text_delta(self, text: str) -> list[Event]:
+        events: list[Event] = []
+        if self._open != "text":
+            events += self._end_open()
+            events += self._end_tools()
+            # The step's first text segment is the step's assistant message; a later one
+            # (after a tool call or reasoning) is a message of its own.
+            if self._text_used_parent_id:
+                self._open_id = self._new_id()
+            else:
+                self._open_id, self._text_used_parent_id = self.parent_message_id, True
+            self._open = "text"
+            events.append(TextMessageStart(message_id=self._open_id))
+        self._content.append(text)
+        events.append(TextMessageContent(message_id=self._open_id, delta=text))
+        return events
+
+    def _end_open(self) -> list[Event]:
+        open_kind, message_id = self._open, self._open_id
+        self._open = None
+        if open_kind == "reasoning":
+            return [ReasoningMessageEnd(message_id=message_id), ReasoningEnd(message_id=message_id)]
+        if open_kind == "text":
+            return [TextMessageEnd(message_id=message_id)]
+        return []
+
+    # ---- tool calls ------------------------------------------------------------------
+    def _tool_fragment(self, fragment: object) -> list[Event]:
+        index = _get(fragment, "index")
+        index = index if isinstance(index, int) else None
+        call_id = _text(fragment, "id")
+        function = _get(fragment, "function")
+        name = _text(function, "name") if function is not None else ""
+        arguments = _text(function, "arguments") if function is not None else ""
+        if not (call_id or name or arguments):
+            return []
+        events: list[Event] = []
+        call = self._find_call(index, call_id)
+        if call is None:
+            if self._tools_closed:
+                # Text came between tool calls: the earlier calls were ended, so a
+                # provider's late fragment for them cannot reopen them.
+                return []
+            events += self._end_open()
+            call = _ToolCall(id=call_id or self._new_id(), index=index)
+            self._tools.append(call)
+        if name and not call.started:
+            call.name += name
+        if arguments:
+            if call.started:
+                call.arguments += arguments
+                events.append(ToolCallArgs(tool_call_id=call.id, delta=arguments))
+            else:
+                call.pending_args += arguments
+        if not call.started and call.name:
+            events += self._end_open()
+            call.started = True
+            events.append(
+                ToolCallStart(
+                    tool_call_id=call.id,
+                    tool_call_name=call.name,
+                    parent_message_id=self.parent_message_id,
+                )
+            )
+            if call.pending_args:
+                call.arguments, call.pending_args = call.pending_args, ""
+                events.append(ToolCallArgs(tool_call_id=call.id, delta=call.arguments))
+        return events
+
+    def _find_call(self, index: int | None, call_id: str) -> _ToolCall | None:
+        if not self._tools:
+            return None
+        if call_id:
+            # A new id is a new call, even on an index already used.
+            return next((t for t in self._tools if t.id == call_id), None)
+        if index is not None:
+            for call in reversed(self._tools):
+                if call.index == index:
+                    return call
+            return None
+        return self._tools[-1]  # no id, no index: continues the latest call
+
+    def _end_tools(self) -> list[Event]:
+        if not self._tools or self._tools_closed:
+            return []
+        self._tools_closed = True
+        events: list[Event] = []
+        for call in self._tools:
+            if not call.started:
+                continue  # never named: nothing was announced, nothing to end
+            if not call.arguments:
+                call.arguments = "{}"
+                events.append(ToolCallArgs(tool_call_id=call.id, delta="{}"))
+            events.append(ToolCallEnd(tool_call_id=call.id))
+        return events
+
+
+Sink = Callable[[list[Event]], Awaitable[None]]
+_MERGEABLE = (ReasoningMessageContent, TextMessageContent, ToolCallArgs)
+
+
+def _segment_key(event: Event) -> str:
+    if isinstance(event, ToolCallArgs):
+        return event.tool_call_id
+    assert isinstance(event, (ReasoningMessageContent, TextMessageContent))
+    return event.message_id
+
+
+class DeltaMerger:
+    """Merges consecutive deltas of one segment within ``flush_ms`` before the sink.
+
+    A segment's first delta goes out at once (time to first token); later ones wait at
+    most ``flush_ms``; anything pending is flushed before any other event. Order and the
+    concatenated text never change. ``flush_ms=0`` passes every event straight through.
+    """
+
+    def __init__(self, sink: Sink, flush_ms: int) -> None:
+        self._sink = sink
+        self._window = flush_ms / 1000
+        self._pending: Event | None = None
+        self._last_key: str | None = None
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def push(self, events: list[Event]) -> None:
+        if not events:
+            return
+        async with self._lock:
+            out: list[Event] = []
+            for event in events:
+                if self._window <= 0 or not isinstance(event, _MERGEABLE):
+                    out += self._take_pending()
+                    self._last_key = None
+                    out.append(event)
+                    continue
+                key = _segment_key(event)
+                if key != self._last_key:
+                    out += self._take_pending()
+                    self._last_key = key
+                    out.append(event)  # first delta of a segment: at once
+                elif self._pending is None:
+                    self._pending = event
+                else:
+                    self._pending.delta += event.delta  # type: ignore[union-attr]
+            if out:
+                await self._sink(out)
+            self._arm_timer()
+
+    def _take_pending(self) -> list[Event]:
+        pending, self._pending = self._pending, None
+        return [] if pending is None else [pending]
+
+    def _arm_timer(self) -> None:
+        if self._pending is not None and self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._window, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._flushing = asyncio.ensure_future(self.flush())
+
+    async def flush(self) -> None:
+        async with self._lock:
+            pending = self._take_pending()
+            if pending:
+                await self._sink(pending)
+
+    async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self.flush()

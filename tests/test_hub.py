@@ -1,0 +1,120 @@
+"""The hub's handoff from log to live, overflow and hole filling, over the real memory broker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from costream import protocol
+from costream.broker import RunLease
+from costream.broker_memory import MemoryBroker
+from costream.hub import FellBehind, Follower, Hub
+from costream.metrics import Metrics
+from costream.store import mint_id
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[Hub]:
+    broker = MemoryBroker(log_retain=50)
+    hub = Hub(broker, Metrics())
+    await broker.start(hub.on_frame, hub.on_resync)
+    yield hub
+    await broker.close()
+
+
+async def _run(hub: Hub) -> tuple[str, RunLease]:
+    conversation_id = mint_id()
+    await hub.broker.create_conversation(conversation_id, {"title": b"t"})
+    started = protocol.RunStarted(
+        thread_id=conversation_id,
+        run_id="r",
+        input=protocol.RunAgentInput(thread_id=conversation_id, run_id="r", messages=[]),
+    )
+    lease = await hub.broker.start_run(conversation_id, "r", protocol.encode(started), 10_000)
+    return conversation_id, lease
+
+
+def _delta(n: int) -> bytes:
+    return protocol.encode(protocol.TextMessageContent(message_id="m", delta=f"d{n} "))
+
+
+async def _drain(follower: Follower, until_seq: int) -> list[int]:
+    seqs: list[int] = []
+    while not seqs or seqs[-1] < until_seq:
+        batch = await follower.next_batch(timeout=1)
+        assert batch, f"stalled after {seqs[-1:]}"
+        seqs += [json.loads(f)["seq"] for f in batch if f.startswith('{"seq":')]
+    return seqs
+
+
+async def test_follower_replays_log_then_follows_live_without_duplicates(hub: Hub) -> None:
+    """Events appended before and after attaching arrive once each, in order."""
+    conversation_id, lease = await _run(hub)
+    await hub.broker.append(lease, [_delta(i) for i in range(5)])
+    async with Follower(hub, conversation_id, 0, queue_size=100) as follower:
+        await hub.broker.append(lease, [_delta(i) for i in range(5, 10)])
+        assert await _drain(follower, 11) == list(range(1, 12))
+
+
+async def test_overflowing_viewer_catches_up_from_the_log(hub: Hub) -> None:
+    """A follower whose queue overflows gets every event from the log, in order, once."""
+    conversation_id, lease = await _run(hub)
+    async with Follower(hub, conversation_id, 0, queue_size=4) as follower:
+        for i in range(40):
+            await hub.broker.append(lease, [_delta(i)])
+        assert follower.queue.lagging
+        assert hub.metrics.catch_ups.value >= 1
+        assert await _drain(follower, 41) == list(range(1, 42))
+        # Back on the live tail afterwards.
+        await hub.broker.append(lease, [_delta(99)])
+        assert await _drain(follower, 42) == [42]
+        assert not follower.queue.lagging
+
+
+async def test_follower_fills_a_hole_from_the_log(hub: Hub) -> None:
+    """A live frame lost on the way (a hole) is read from the log before the next one."""
+    conversation_id, lease = await _run(hub)
+    async with Follower(hub, conversation_id, 0, queue_size=100) as follower:
+        assert await _drain(follower, 1) == [1]
+        await hub.broker.append(lease, [_delta(1)])
+        follower.queue.frames.clear()  # seq 2 lost between the broker and this process
+        await hub.broker.append(lease, [_delta(2)])
+        assert await _drain(follower, 3) == [2, 3]
+
+
+async def test_idle_follower_notices_a_lost_last_frame(hub: Hub) -> None:
+    """When the last frame of a burst is lost, the idle check finds it in the log."""
+    conversation_id, lease = await _run(hub)
+    async with Follower(hub, conversation_id, 0, queue_size=100) as follower:
+        assert await _drain(follower, 1) == [1]
+        await hub.broker.append(lease, [_delta(1)])
+        follower.queue.frames.clear()
+        assert await follower.next_batch(timeout=0.05) == []
+        assert await follower.check_head() == 2
+        assert await _drain(follower, 2) == [2]
+
+
+async def test_follower_that_needs_trimmed_events_fails_fell_behind(hub: Hub) -> None:
+    """If the events after lastSeq were trimmed away, the follower raises FellBehind (4008)."""
+    conversation_id, lease = await _run(hub)
+    await hub.broker.append(lease, [_delta(i) for i in range(200)])
+    finished = protocol.RunError(message="m", code="internal")
+    snapshot = protocol.MessagesSnapshot(messages=[])
+    await hub.broker.finish_run(lease, [protocol.encode(finished)], protocol.encode(snapshot))
+    state = await hub.broker.log_state(conversation_id)
+    assert state is not None and state.first_seq > 2
+    async with Follower(hub, conversation_id, 1, queue_size=10) as follower:
+        with pytest.raises(FellBehind):
+            await follower.next_batch(timeout=1)
+
+
+async def test_last_follower_leaving_unsubscribes(hub: Hub) -> None:
+    """The process keeps one subscription per conversation, only while it has followers."""
+    conversation_id, _ = await _run(hub)
+    async with Follower(hub, conversation_id, 0, queue_size=10):
+        async with Follower(hub, conversation_id, 0, queue_size=10):
+            assert hub.conversations() == [conversation_id]
+        assert hub.conversations() == [conversation_id]
+    assert hub.conversations() == []
