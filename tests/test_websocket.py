@@ -9,8 +9,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 from costream.protocol import SUBPROTOCOL
+from tests.support.proxy import StallingProxy
 from tests.support.servers import ServerProcess
 from tests.support.ws import (
+    ahttp,
     assert_well_formed,
     close_code,
     create_conversation,
@@ -192,6 +194,61 @@ async def test_cancel_closes_open_segments_and_finishes_cancelled(start_server) 
     await writer.close()
 
 
+async def _catch_ups(server: ServerProcess) -> float:
+    """The server's count of viewers switched from the live tail to the log."""
+    _, metrics = await ahttp("GET", f"{server.url}/metrics")
+    line = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("costream_slow_viewer_catchups_total ")
+    )
+    return float(line.split()[1])
+
+
+async def test_stalled_viewer_delays_no_one_and_catches_up(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A viewer that reads nothing for 10 s: the others get every run meanwhile, its queue
+    overflows, and when it reads again it receives every event once, in order, from the log."""
+    busy = start_server(
+        env={
+            "COSTREAM_FLUSH_MS": "0",
+            "COSTREAM_VIEWER_QUEUE": "16",
+            "COSTREAM_SEND_BUFFER_BYTES": "8192",
+        }
+    )
+    conv = await create_conversation(busy.url)
+    url = busy.ws_url(conv["id"])
+    async with StallingProxy(busy.port) as proxy:
+        stalled = await open_session(
+            url.replace(f":{busy.port}/", f":{proxy.port}/"),
+            conv["id"],
+            conv["viewToken"],
+            compression=None,  # uncompressed, a run's frames fill the buffers sooner
+        )
+        proxy.pause()
+        stalled_since = asyncio.get_running_loop().time()
+        attentive = await open_session(url, conv["id"], conv["viewToken"])
+        writer = await open_session(url, conv["id"], conv["writeToken"])
+        # Runs until the stalled viewer's queue overflowed (the sockets' buffers take the
+        # first tens of kilobytes; a run is about 60 KB of frames unmerged).
+        for _ in range(5):
+            await writer.send({"type": "message", "content": STORY})
+            assert (await attentive.until_run_ends())["type"] == "RUN_FINISHED"
+            if await _catch_ups(busy) >= 1:
+                break
+        assert await _catch_ups(busy) >= 1, "the stalled viewer's queue never overflowed"
+        # Every run reached the attentive viewer while the stalled one read nothing.
+        full = attentive.logged()
+        await asyncio.sleep(max(0.0, 10.0 - (asyncio.get_running_loop().time() - stalled_since)))
+        proxy.resume()
+        async with asyncio.timeout(60):
+            while len(stalled.logged()) < len(full):
+                await stalled.next()
+        assert stalled.logged() == full
+        assert_well_formed(stalled.events())
+        for session in (stalled, attentive, writer):
+            await session.close()
+
+
 # ---- rejections: close codes -----------------------------------------------------------
 
 
@@ -226,7 +283,14 @@ async def test_other_subprotocol_is_selected_then_closed_4400(server: ServerProc
         '{"type":"hello","conversationId":"someone-else","token":"x"}',
         '{"type":"hello","conversationId":"{id}","token":"x","lastSeq":-1}',
     ],
-    ids=["unparseable", "unknown-type", "not-hello", "hello-missing-id", "hello-other-id", "negative-seq"],
+    ids=[
+        "unparseable",
+        "unknown-type",
+        "not-hello",
+        "hello-missing-id",
+        "hello-other-id",
+        "negative-seq",
+    ],
 )
 async def test_bad_first_frame_is_closed_4400(server: ServerProcess, first_frame: str) -> None:
     """Unparseable JSON, an unknown type, a non-hello first frame: close 4400."""

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,24 +454,46 @@ def serve(settings: Settings, workers: int = 1) -> None:
         "ws_max_size": settings.max_frame_bytes,
         "ws_ping_interval": 20.0,
         "ws_ping_timeout": 20.0,
+        # Compression would run once per viewer on the same bytes (a fan-out encodes once)
+        # and keep a deflate context of tens of kilobytes per connection.
+        "ws_per_message_deflate": False,
         "timeout_graceful_shutdown": int(settings.shutdown_grace_s) + 5,
         "log_level": "info",
     }
     if workers > 1:
         if not settings.redis_url:
             raise SystemExit("--workers needs Redis (--redis-url): processes share nothing else")
+        from uvicorn.supervisors import Multiprocess
+
         # The settings reach the worker processes through their environment, secrets too:
         # the same trust boundary as the LLM_API_KEY variable they came from.
         os.environ[_SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
-        uvicorn.run("costream.app:app_from_env", factory=True, workers=workers, **options)
+        config = uvicorn.Config(
+            "costream.app:app_from_env", factory=True, workers=workers, **options
+        )
+        Multiprocess(config, sockets=[_listen(config, settings)]).run()
     else:
-        _graceful_server(create_app(settings), options).run()
+        config = uvicorn.Config(create_app(settings), **options)
+        _graceful_server(config).run(sockets=[_listen(config, settings)])
 
 
-def _graceful_server(app: Starlette, options: dict[str, Any]) -> Any:
+def _listen(config: Any, settings: Settings) -> socket.socket:
+    """The listening socket, with a bounded send buffer that accepted sockets inherit.
+
+    The kernel would otherwise grow a stalled viewer's send buffer to megabytes (4 MiB
+    on Linux): memory per viewer that no queue of ours accounts for, and frames the
+    slow-viewer policy never sees backing up. Bounded, a stalled viewer's writer blocks
+    soon, its queue overflows, and it is fed from the log when it reads again.
+    """
+    sock: socket.socket = config.bind_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer_bytes)
+    return sock
+
+
+def _graceful_server(config: Any) -> Any:
     import uvicorn
 
-    services: Services = app.state.services
+    services: Services = config.app.state.services
 
     class GracefulServer(uvicorn.Server):
         """Closes viewers with 1001 (go elsewhere) before uvicorn closes the rest with 1012."""
@@ -483,4 +506,4 @@ def _graceful_server(app: Starlette, options: dict[str, Any]) -> Any:
             )
             await super().shutdown(sockets)
 
-    return GracefulServer(uvicorn.Config(app, **options))
+    return GracefulServer(config)

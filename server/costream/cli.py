@@ -7,8 +7,28 @@ commands stay light.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
 import sys
-from collections.abc import Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from .client import Conversation
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+HTTP_TIMEOUT_S = 30.0
+
+
+class CommandError(Exception):
+    """A short message for stderr, and the exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -33,6 +53,195 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- new ------------------------------------------------------------------------------
+
+
+def http_json(
+    method: str, url: str, body: dict[str, Any] | None = None, token: str | None = None
+) -> tuple[int, Any]:
+    """A blocking JSON call: (status, parsed body). Raises ``CommandError`` when unreachable."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    request.add_header("Accept", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as answer:
+            status, payload = answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        status, payload = error.code, error.read()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise CommandError(f"cannot reach {url.split('/api/')[0]}: {reason}") from None
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, None
+
+
+def error_text(body: Any) -> str:
+    """The ``message (code)`` of a PROTOCOL.md error body."""
+    if isinstance(body, dict) and isinstance(error := body.get("error"), dict):
+        return f"{error.get('message', '')} ({error.get('code', '?')})"
+    return "no error details"
+
+
+def _new(args: argparse.Namespace) -> int:
+    server = (args.server or os.environ.get("COSTREAM_URL") or DEFAULT_SERVER).rstrip("/")
+    body = {
+        name: value
+        for name, value in (("title", args.title), ("model", args.model), ("system", args.system))
+        if value is not None
+    }
+    key = os.environ.get("COSTREAM_CREATE_KEY") or None
+    status, created = http_json("POST", f"{server}/api/conversations", body, token=key)
+    if status != 201 or not isinstance(created, dict):
+        hint = " (set COSTREAM_CREATE_KEY)" if status == 401 else ""
+        raise CommandError(f"could not create a conversation: {error_text(created)}{hint}")
+    print(f"conversation {created['id']}")
+    print()
+    print("view link (share it; it can only watch):")
+    print(f"  {created['viewUrl']}")
+    print("write link (keep it; it can send messages):")
+    print(f"  {created['writeUrl']}")
+    print()
+    print("open a link in a browser, or:")
+    print(f"  costream watch '{created['viewUrl']}'")
+    print(f"  costream say '{created['writeUrl']}' 'Tell me a long story about LLM streaming'")
+    return 0
+
+
+# ---- watch and say --------------------------------------------------------------------
+
+
+def _status_printer(stream: TextIO) -> Callable[[str], None]:
+    def status(message: str) -> None:
+        print(f"costream: {message}", file=stream, flush=True)
+
+    return status
+
+
+def _client_error(error: Exception) -> CommandError:
+    from .client import Closed, ConversationNotFound, Refused, Unauthorized
+
+    if isinstance(error, Unauthorized):
+        return CommandError("the link's token is wrong or missing (4401)")
+    if isinstance(error, ConversationNotFound):
+        return CommandError("no such conversation (4404)")
+    if isinstance(error, Refused):
+        messages = {
+            "forbidden": "this is a view link; sending needs the write link",
+            "run_active": "a run is already active in this conversation; wait for it to end",
+            "too_large": "the message is too long",
+        }
+        return CommandError(f"{messages.get(error.code, error.message)} ({error.code})")
+    if isinstance(error, Closed):
+        return CommandError(f"the server closed the connection: {error.reason} ({error.code})")
+    return CommandError(str(error))
+
+
+async def _follow(
+    conv: Conversation,
+    *,
+    as_json: bool,
+    color: bool,
+    run_id: str | None = None,
+) -> int:
+    """Print events until Ctrl-C, or until run ``run_id`` ends (then its exit code)."""
+    from . import protocol
+    from .terminal import TerminalRenderer
+
+    renderer = TerminalRenderer(sys.stdout, color=color)
+    ours = run_id is None
+    try:
+        while True:
+            event, text = await conv.next_with_text()
+            if isinstance(event, protocol.Presence):
+                continue
+            if as_json:
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
+            else:
+                renderer.render(event)
+            if run_id is None:
+                continue
+            if isinstance(event, protocol.RunStarted):
+                ours = event.run_id == run_id
+            elif ours and isinstance(event, protocol.RunFinished):
+                if event.outcome.type == "cancelled":
+                    raise CommandError("the run was cancelled")
+                return 0
+            elif ours and isinstance(event, protocol.RunError):
+                raise CommandError(f"the run failed: {event.message} ({event.code})")
+    finally:
+        if not as_json:
+            renderer.finish()
+
+
+async def _watch_async(args: argparse.Namespace) -> int:
+    from .client import ClientError, connect
+    from .terminal import use_color
+
+    try:
+        async with connect(
+            args.link, from_start=not args.live, on_status=_status_printer(sys.stderr)
+        ) as conv:
+            return await _follow(conv, as_json=args.json, color=use_color(sys.stdout))
+    except ClientError as error:
+        raise _client_error(error) from None
+
+
+async def _say_async(args: argparse.Namespace) -> int:
+    from .client import ClientError, connect
+    from .terminal import use_color
+
+    try:
+        async with connect(
+            args.link, from_start=False, on_status=_status_printer(sys.stderr)
+        ) as conv:
+            if conv.role != "writer":
+                raise _client_error(_forbidden())
+            run_id = await conv.send(args.text)
+            if args.no_follow:
+                print(json.dumps({"runId": run_id}) if args.json else f"run {run_id} started")
+                return 0
+            return await _follow(
+                conv, as_json=args.json, color=use_color(sys.stdout), run_id=run_id
+            )
+    except ClientError as error:
+        raise _client_error(error) from None
+
+
+def _forbidden() -> Exception:
+    from .client import Refused
+
+    return Refused("forbidden", "this token can only view")
+
+
+def _run_async(
+    command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], args: argparse.Namespace
+) -> int:
+    try:
+        result: int = asyncio.run(command(args))
+        return result
+    except KeyboardInterrupt:
+        return 0 if args.command == "watch" else 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    return _run_async(_watch_async, args)
+
+
+def _say(args: argparse.Namespace) -> int:
+    return _run_async(_say_async, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="costream", description="Share one live LLM stream with many viewers."
@@ -54,13 +263,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--workers", type=int, default=1, help="processes (needs Redis)")
     serve.set_defaults(handler=_serve)
+
+    new = commands.add_parser("new", help="create a conversation and print its links")
+    new.add_argument(
+        "--server", default=None, help=f"server URL (default COSTREAM_URL or {DEFAULT_SERVER})"
+    )
+    new.add_argument("--title", default=None, help="the conversation's title")
+    new.add_argument("--model", default=None, help="LiteLLM provider/model (default: server's)")
+    new.add_argument("--system", default=None, help="system prompt")
+    new.set_defaults(handler=_new)
+
+    say = commands.add_parser("say", help="send a message and follow the run it starts")
+    say.add_argument("link", help="the conversation's write link")
+    say.add_argument("text", help="the message")
+    say.add_argument("--no-follow", action="store_true", help="return once the run started")
+    say.add_argument("--json", action="store_true", help="print logged events as JSON lines")
+    say.set_defaults(handler=_say)
+
+    watch = commands.add_parser("watch", help="watch a conversation live in the terminal")
+    watch.add_argument("link", help="the conversation's view or write link")
+    watch.add_argument("--json", action="store_true", help="print logged events as JSON lines")
+    start = watch.add_mutually_exclusive_group()
+    start.add_argument(
+        "--from-start",
+        dest="live",
+        action="store_false",
+        help="replay the conversation from the start, then follow it (default)",
+    )
+    start.add_argument("--live", action="store_true", help="show only what comes next")
+    watch.set_defaults(handler=_watch, live=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = args.handler
-    result: int = handler(args)
+    try:
+        result: int = handler(args)
+    except CommandError as error:
+        print(f"costream {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
     return result
 
 

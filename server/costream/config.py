@@ -44,6 +44,7 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     max_viewers_per_conversation: int = 1000
     viewer_queue_frames: int = 1024
+    send_buffer_bytes: int = 128 * 1024  # kernel send buffer per socket (SO_SNDBUF)
     log_retain: int = 10_000
     max_steps: int = 10
     max_tool_calls_per_step: int = 16
@@ -96,6 +97,7 @@ class Settings:
             llm_timeout_s=_env_float("COSTREAM_LLM_TIMEOUT_S", cls.llm_timeout_s),
             retry_backoff_s=_env_float("COSTREAM_RETRY_BACKOFF_S", cls.retry_backoff_s),
             viewer_queue_frames=_env_int("COSTREAM_VIEWER_QUEUE", cls.viewer_queue_frames),
+            send_buffer_bytes=_env_int("COSTREAM_SEND_BUFFER_BYTES", cls.send_buffer_bytes),
             log_retain=_env_int("COSTREAM_LOG_RETAIN", cls.log_retain),
         )
         known = {f.name for f in fields(cls)}

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgspec
+
 from .protocol import (
     Event,
     FunctionCall,
@@ -34,6 +36,7 @@ from .protocol import (
 
 
 def new_id() -> str:
+    """A fresh segment or message id (22 URL-safe characters)."""
     return secrets.token_urlsafe(16)
 
 
@@ -55,6 +58,7 @@ class _ToolCall:
     name: str = ""
     arguments: str = ""
     started: bool = False  # TOOL_CALL_START is out (it needs the name)
+    ended: bool = False  # TOOL_CALL_END is out, or the call was dropped unnamed
     pending_args: str = ""  # arguments that came before the name
 
 
@@ -78,7 +82,7 @@ class StepSegments:
         self._open_id = ""
         self._text_used_parent_id = False
         self._tools: list[_ToolCall] = []
-        self._tools_closed = False
+        self._seen_reasoning_content = False
         self._reasoning: list[tuple[str, str]] = []
         self._content: list[str] = []
 
@@ -93,14 +97,15 @@ class StepSegments:
             delta = _get(choice, "delta")
             if delta is None:
                 continue
-            reasoning = _text(delta, "reasoning_content")
+            # Some providers (OpenRouter, vLLM) name the field ``reasoning``.
+            reasoning = _text(delta, "reasoning_content") or _text(delta, "reasoning")
+            reasoning = self._without_signed_repeat(reasoning, _get(delta, "thinking_blocks"))
             if reasoning:
                 self._seen_reasoning_content = True
             else:
                 # Anthropic through LiteLLM: thinking_blocks carry the same text as
-                # reasoning_content, and the closing "signature" chunk repeats the whole
-                # thinking text with only thinking_blocks set. Use thinking_blocks only
-                # while no reasoning_content was seen in this step, so text goes out once.
+                # reasoning_content. Use them only while no reasoning_content was seen in
+                # this step, so the text goes out once.
                 reasoning = self._thinking_without_reasoning_content(delta)
             if reasoning:
                 events += self._reasoning_delta(reasoning)
@@ -124,6 +129,7 @@ class StepSegments:
         return events
 
     def output(self) -> StepOutput:
+        """The step's reasoning, content and named tool calls, for the history."""
         tool_calls = [
             ToolCall(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments or "{}"))
             for t in self._tools
@@ -134,20 +140,38 @@ class StepSegments:
         )
 
     # ---- segments --------------------------------------------------------------------
-    _seen_reasoning_content = False
+    def _reasoning_so_far(self) -> str:
+        return "".join(text for _, text in self._reasoning)
+
+    def _repeats_streamed_thinking(self, block: object) -> bool:
+        """A signature block whose text repeats thinking this step already streamed.
+
+        Anthropic's closing ``signature`` chunk, in some LiteLLM versions and through
+        some gateways, repeats the whole thinking block's text beside the signature.
+        """
+        text = _text(block, "thinking")
+        return (
+            bool(_get(block, "signature"))
+            and bool(text)
+            and (self._reasoning_so_far().endswith(text))
+        )
+
+    def _without_signed_repeat(self, reasoning: str, blocks: object) -> str:
+        if reasoning and isinstance(blocks, list):
+            if any(self._repeats_streamed_thinking(b) for b in blocks):
+                if self._reasoning_so_far().endswith(reasoning):
+                    return ""
+        return reasoning
 
     def _thinking_without_reasoning_content(self, delta: object) -> str:
         blocks = _get(delta, "thinking_blocks")
         if self._seen_reasoning_content or not isinstance(blocks, list):
             return ""
-        so_far = self._reasoning[-1][1] if self._reasoning and self._open == "reasoning" else ""
-        texts = []
-        for block in blocks:
-            text = _text(block, "thinking")
-            if _get(block, "signature") and text == so_far:
-                continue  # the signature block repeats the thinking already streamed
-            texts.append(text)
-        return "".join(texts)
+        return "".join(
+            _text(block, "thinking")
+            for block in blocks
+            if not self._repeats_streamed_thinking(block)
+        )
 
     def _reasoning_delta(self, text: str) -> list[Event]:
         events: list[Event] = []
@@ -203,11 +227,11 @@ class StepSegments:
             return []
         events: list[Event] = []
         call = self._find_call(index, call_id)
+        if call is not None and call.ended:
+            # Text or reasoning came after this call, which ended it; a provider's late
+            # fragment for it cannot reopen it (its arguments would follow its END).
+            return []
         if call is None:
-            if self._tools_closed:
-                # Text came between tool calls: the earlier calls were ended, so a
-                # provider's late fragment for them cannot reopen them.
-                return []
             events += self._end_open()
             call = _ToolCall(id=call_id or self._new_id(), index=index)
             self._tools.append(call)
@@ -248,11 +272,11 @@ class StepSegments:
         return self._tools[-1]  # no id, no index: continues the latest call
 
     def _end_tools(self) -> list[Event]:
-        if not self._tools or self._tools_closed:
-            return []
-        self._tools_closed = True
         events: list[Event] = []
         for call in self._tools:
+            if call.ended:
+                continue
+            call.ended = True
             if not call.started:
                 continue  # never named: nothing was announced, nothing to end
             if not call.arguments:
@@ -266,11 +290,11 @@ Sink = Callable[[list[Event]], Awaitable[None]]
 _MERGEABLE = (ReasoningMessageContent, TextMessageContent, ToolCallArgs)
 
 
-def _segment_key(event: Event) -> str:
+def _segment_key(event: Event) -> tuple[type, str]:
     if isinstance(event, ToolCallArgs):
-        return event.tool_call_id
+        return ToolCallArgs, event.tool_call_id
     assert isinstance(event, (ReasoningMessageContent, TextMessageContent))
-    return event.message_id
+    return type(event), event.message_id
 
 
 class DeltaMerger:
@@ -279,18 +303,20 @@ class DeltaMerger:
     A segment's first delta goes out at once (time to first token); later ones wait at
     most ``flush_ms``; anything pending is flushed before any other event. Order and the
     concatenated text never change. ``flush_ms=0`` passes every event straight through.
+    The events pushed are never modified: a merged delta is a new event.
     """
 
     def __init__(self, sink: Sink, flush_ms: int) -> None:
         self._sink = sink
         self._window = flush_ms / 1000
-        self._pending: Event | None = None
-        self._last_key: str | None = None
+        self._pending: ReasoningMessageContent | TextMessageContent | ToolCallArgs | None = None
+        self._last_key: tuple[type, str] | None = None
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
-        self._flushing: asyncio.Task[None] | None = None
+        self._timed_flushes: set[asyncio.Task[None]] = set()
 
     async def push(self, events: list[Event]) -> None:
+        """Hand events on in order, holding back a segment's later deltas for merging."""
         if not events:
             return
         async with self._lock:
@@ -307,9 +333,9 @@ class DeltaMerger:
                     self._last_key = key
                     out.append(event)  # first delta of a segment: at once
                 elif self._pending is None:
-                    self._pending = event
+                    self._pending = msgspec.structs.replace(event)
                 else:
-                    self._pending.delta += event.delta  # type: ignore[union-attr]
+                    self._pending.delta += event.delta
             if out:
                 await self._sink(out)
             self._arm_timer()
@@ -325,16 +351,20 @@ class DeltaMerger:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._flushing = asyncio.ensure_future(self.flush())
+        self._timed_flushes.add(asyncio.ensure_future(self.flush()))
 
     async def flush(self) -> None:
+        """Send the pending merged delta, if any, now."""
         async with self._lock:
             pending = self._take_pending()
             if pending:
                 await self._sink(pending)
 
     async def aclose(self) -> None:
+        """Stop the timer and flush; a failed timed flush raises here."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        timed, self._timed_flushes = self._timed_flushes, set()
+        await asyncio.gather(*timed)
         await self.flush()

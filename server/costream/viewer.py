@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("costream.viewer")
 
+_PRESENCE_PREFIX = '{"type":"presence"'
+_presence_decoder = msgspec.json.Decoder(protocol.Presence)
+
 
 class Close(Exception):
     """End the session with this close code."""
@@ -95,6 +98,7 @@ class ViewerSession:
         self.viewer_id = mint_id(12)
         self.role: Literal["viewer", "writer"] = "viewer"
         self.follower: Follower | None = None
+        self.viewers_told = 0  # the viewer count this client was last told
         self.messages = RateLimit(rate=0.5, burst=5)
         self.frames = RateLimit(rate=20, burst=60)
 
@@ -170,6 +174,7 @@ class ViewerSession:
                     mode="replay" if replay else "snapshot",
                     model=conversation.model,
                 )
+                self.viewers_told = viewers
                 await self._send(protocol.encode(welcome).decode())
                 if snapshot is not None:
                     await self._send(snapshot.decode())
@@ -206,11 +211,12 @@ class ViewerSession:
     @staticmethod
     def _decode(text: str) -> protocol.ClientFrame:
         try:
-            return protocol.client_frame_decoder.decode(text)
+            frame: protocol.ClientFrame = protocol.client_frame_decoder.decode(text)
         except msgspec.ValidationError as error:
             raise Close(CLOSE_BAD_FRAME, f"bad frame: {error}"[:120]) from None
         except msgspec.DecodeError:
             raise Close(CLOSE_BAD_FRAME, "bad frame: not JSON") from None
+        return frame
 
     async def _run_tasks(self) -> None:
         """Run the reader and the writer until either ends; re-raise what ended it.
@@ -239,11 +245,22 @@ class ViewerSession:
                     await self._send(protocol.encode(protocol.Heartbeat(head=head)).decode())
                     continue
                 for frame in batch:
+                    if frame.startswith(_PRESENCE_PREFIX) and not self._presence_changed(frame):
+                        continue
                     await self._send(frame)
                 sent.inc(len(batch))
         except FellBehind:
             self.services.metrics.slow_closes.inc()
             raise Close(CLOSE_SLOW_CONSUMER, "fell too far behind, reconnect and resume") from None
+
+    def _presence_changed(self, frame: str) -> bool:
+        """Whether a presence frame tells this client a count it has not been told yet
+        (its own join is already counted in ``welcome``)."""
+        viewers = _presence_decoder.decode(frame).viewers
+        if viewers == self.viewers_told:
+            return False
+        self.viewers_told = viewers
+        return True
 
     async def _reader(self) -> None:
         assert self.follower is not None

@@ -1,0 +1,75 @@
+"""A TCP proxy in front of a server that can stop reading from it: a viewer that stalls.
+
+A client library buffers what the kernel hands it, so "not calling recv" does not stall a
+connection at once. The proxy does: paused, it reads nothing from the server, and with a
+small receive buffer the server's sends back up within a few tens of kilobytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+
+class StallingProxy:
+    """Forwards ``127.0.0.1:port`` to the server's port; ``pause()`` stops the server side."""
+
+    def __init__(self, upstream_port: int, receive_buffer: int = 4096) -> None:
+        self.upstream_port = upstream_port
+        self.receive_buffer = receive_buffer
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> StallingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def pause(self) -> None:
+        """Stop reading from the server."""
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
+    async def _accept(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.upstream_port))
+        # A small read limit too, so asyncio's own buffer holds little.
+        server_in, server_out = await asyncio.open_connection(sock=sock, limit=4096)
+        for pump in (
+            self._pump(client_in, server_out, gated=False),
+            self._pump(server_in, client_out, gated=True),
+        ):
+            task = asyncio.create_task(pump)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, gated: bool
+    ) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while True:
+                if gated:
+                    await self.flowing.wait()
+                data = await source.read(4096)
+                if not data:
+                    break
+                sink.write(data)
+                await sink.drain()
+        sink.close()
