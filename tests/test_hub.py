@@ -118,3 +118,31 @@ async def test_last_follower_leaving_unsubscribes(hub: Hub) -> None:
             assert hub.conversations() == [conversation_id]
         assert hub.conversations() == [conversation_id]
     assert hub.conversations() == []
+
+
+async def test_burst_of_joins_reaches_a_viewer_as_one_latest_count(hub: Hub) -> None:
+    """Presence is throttled and coalesced: 100 joins arrive as one frame with the final count."""
+    conversation_id, _ = await _run(hub)
+    async with Follower(hub, conversation_id, 0, queue_size=10) as follower:
+        assert await _drain(follower, 1) == [1]
+        for n in range(100):
+            await hub.broker.presence_join(conversation_id, f"viewer-{n}", 10_000)
+        batch = await follower.next_batch(timeout=5)
+        assert [json.loads(frame) for frame in batch] == [{"type": "presence", "viewers": 100}]
+
+
+async def test_catch_up_after_overflow_is_served_from_memory(hub: Hub) -> None:
+    """A lagging follower whose missed frames are recent reads them without the broker."""
+    conversation_id, lease = await _run(hub)
+    async with Follower(hub, conversation_id, 0, queue_size=4) as follower:
+        assert await _drain(follower, 1) == [1]
+        for i in range(40):
+            await hub.broker.append(lease, [_delta(i)])
+        assert follower.queue.lagging
+        assert hub.recent_after(conversation_id, 1, 1000) is not None
+
+        async def unavailable(*args: object) -> list[bytes]:
+            raise AssertionError("the broker's log was read")
+
+        hub.broker.read_log = unavailable  # type: ignore[method-assign]
+        assert await _drain(follower, 41) == list(range(2, 42))

@@ -406,6 +406,8 @@ def create_app(settings: Settings) -> Starlette:
             await services.runs.shutdown(settings.shutdown_grace_s)
             await broker.close()
 
+    from . import ingest  # here, not at the top: ingest imports this module
+
     conversation = "/api/conversations/{conversation_id}"
     routes = [
         Route("/", page),
@@ -420,6 +422,7 @@ def create_app(settings: Settings) -> Starlette:
         Route(f"{conversation}/events", get_events),
         Route(f"{conversation}/files", list_files),
         Route(f"{conversation}/files/{{path:path}}", get_file),
+        *ingest.routes(),
         WebSocketRoute("/ws/conversations/{conversation_id}", websocket_endpoint),
         Mount("/assets", StaticFiles(directory=web_dir(), check_dir=False), name="assets"),
     ]
@@ -448,6 +451,7 @@ def serve(settings: Settings, workers: int = 1) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    redact_secrets_in_logs(settings.secrets())
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -475,6 +479,35 @@ def serve(settings: Settings, workers: int = 1) -> None:
     else:
         config = uvicorn.Config(create_app(settings), **options)
         _graceful_server(config).run(sockets=[_listen(config, settings)])
+
+
+def redact_secrets_in_logs(secrets: list[str]) -> None:
+    """A last line of defence: a log record that would print a secret prints ``***``.
+
+    Code never logs secrets on purpose; this catches a library that echoes one (an
+    upstream error body that repeats the API key, a URL with its password). It wraps the
+    record factory, so it covers every logger and handler of the process, uvicorn's too.
+    """
+    if not secrets:
+        return
+    make_record = logging.getLogRecordFactory()
+
+    def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        message = record.getMessage()
+        if any(secret in message for secret in secrets):
+            for secret in secrets:
+                message = message.replace(secret, "***")
+            record.msg, record.args = message, None
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and any(secret in str(error) for secret in secrets):
+            record.exc_info = None  # the traceback would repeat it
+            record.msg = (
+                f"{record.msg} ({type(error).__name__}: details withheld, they held a secret)"
+            )
+        return record
+
+    logging.setLogRecordFactory(redacting_factory)
 
 
 def _listen(config: Any, settings: Settings) -> socket.socket:

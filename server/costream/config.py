@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 DEMO_MODEL = "costream/demo"
 
@@ -66,6 +67,13 @@ class Settings:
     def is_demo(self) -> bool:
         return self.model == DEMO_MODEL
 
+    def secrets(self) -> list[str]:
+        """The values that must never reach a log line: API key, create key, Redis password."""
+        values = [self.api_key, self.create_key]
+        if self.redis_url:
+            values.append(urlsplit(self.redis_url).password)
+        return [value for value in values if value and len(value) >= 4]
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """Read ``REDIS_URL``, ``LLM_MODEL``, ``LLM_API_KEY``, ``LLM_BASE_URL``,
@@ -99,6 +107,12 @@ class Settings:
             viewer_queue_frames=_env_int("COSTREAM_VIEWER_QUEUE", cls.viewer_queue_frames),
             send_buffer_bytes=_env_int("COSTREAM_SEND_BUFFER_BYTES", cls.send_buffer_bytes),
             log_retain=_env_int("COSTREAM_LOG_RETAIN", cls.log_retain),
+            llm_retries=_env_int("COSTREAM_LLM_RETRIES", cls.llm_retries),
+            max_steps=_env_int("COSTREAM_MAX_STEPS", cls.max_steps),
+            max_tool_calls_per_step=_env_int(
+                "COSTREAM_MAX_TOOL_CALLS", cls.max_tool_calls_per_step
+            ),
+            shutdown_grace_s=_env_float("COSTREAM_SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
         )
         known = {f.name for f in fields(cls)}
         return replace(

@@ -10,11 +10,18 @@ live tail" into one ordered stream:
 - a follower whose queue overflows stops receiving live frames and is fed from the log at
   its own pace, then rejoins the live tail; only when what it needs was trimmed from the
   log does it fail with :class:`FellBehind` (close 4008).
+
+Two things keep the per-viewer cost flat as viewers pile in. Presence is not a log: the
+hub forwards at most one count per conversation per ``PRESENCE_INTERVAL_S`` and a queue
+keeps only the latest, so a thousand joins are not a million frames. And the hub keeps
+the last ``RECENT_FRAMES`` frames of each conversation it follows, so a viewer catching up
+after an overflow or a lost frame reads them from memory, not from the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 from typing import Final
 
@@ -22,7 +29,9 @@ from .broker import Broker
 from .metrics import Metrics
 
 _SEQ_PREFIX: Final = '{"seq":'
-_LOG_PAGE: Final = 500
+_LOG_PAGE: Final = 1000
+PRESENCE_INTERVAL_S: Final = 0.25
+RECENT_FRAMES: Final = 2048
 
 
 def seq_of_text(frame: str) -> int:
@@ -47,6 +56,7 @@ class ViewerQueue:
         self.maxsize = maxsize
         self.frames: deque[str] = deque()
         self.control: deque[str] = deque()  # replies to this client: pong, accepted, error
+        self.presence: str | None = None  # the latest presence frame not yet sent
         self.lagging = False
         self.resync = False
         self._wakeup = asyncio.Event()
@@ -64,6 +74,11 @@ class ViewerQueue:
             self.frames.append(frame)
         self._wakeup.set()
 
+    def offer_presence(self, frame: str) -> None:
+        """Replace any presence frame still waiting: only the latest count matters."""
+        self.presence = frame
+        self._wakeup.set()
+
     def reply(self, frame: str) -> None:
         self.control.append(frame)
         self._wakeup.set()
@@ -75,11 +90,13 @@ class ViewerQueue:
 
     async def wait(self, timeout: float) -> bool:
         """Wait until something is queued; False on timeout."""
-        if self.frames or self.control or self.lagging or self.resync:
+        if self.frames or self.control or self.presence or self.lagging or self.resync:
             return True
         self._wakeup.clear()
         try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
+            # Not asyncio.wait_for: on 3.11 it makes a task per call, once per frame here.
+            async with asyncio.timeout(timeout):
+                await self._wakeup.wait()
         except TimeoutError:
             return False
         return True
@@ -93,6 +110,9 @@ class Hub:
         self.metrics = metrics
         self._queues: dict[str, set[ViewerQueue]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._recent: dict[str, deque[tuple[int, str]]] = {}
+        self._presence: dict[str, str] = {}  # latest count not yet forwarded
+        self._presence_timer: asyncio.TimerHandle | None = None
 
     def conversations(self) -> list[str]:
         """Conversations that have local followers."""
@@ -104,11 +124,40 @@ class Hub:
         if not queues:
             return
         text = frame.decode()
+        seq = seq_of_text(text)
+        if seq == 0:
+            self._presence[conversation_id] = text
+            if self._presence_timer is None:
+                loop = asyncio.get_running_loop()
+                self._presence_timer = loop.call_later(PRESENCE_INTERVAL_S, self._send_presence)
+            return
+        recent = self._recent[conversation_id]
+        if recent and recent[-1][0] + 1 != seq:
+            recent.clear()  # a hole: the ring only ever holds contiguous frames
+        recent.append((seq, text))
         for queue in queues:
             queue.offer(text)
 
+    def _send_presence(self) -> None:
+        self._presence_timer = None
+        pending, self._presence = self._presence, {}
+        for conversation_id, text in pending.items():
+            for queue in self._queues.get(conversation_id, ()):
+                queue.offer_presence(text)
+
+    def recent_after(self, conversation_id: str, after_seq: int, limit: int) -> list[str] | None:
+        """Frames with seq > ``after_seq`` from memory, or None when the ring does not
+        hold ``after_seq + 1`` (then the broker's log must answer)."""
+        recent = self._recent.get(conversation_id)
+        if not recent or not recent[0][0] <= after_seq + 1 <= recent[-1][0] + 1:
+            return None
+        start = after_seq + 1 - recent[0][0]
+        return [text for _, text in itertools.islice(recent, start, start + limit)]
+
     def on_resync(self, conversation_id: str) -> None:
         """Broker listener: the subscription broke and was re-established."""
+        if conversation_id in self._recent:
+            self._recent[conversation_id].clear()  # frames may be missing after its end
         for queue in self._queues.get(conversation_id, ()):
             queue.mark_resync()
 
@@ -120,6 +169,7 @@ class Hub:
             if queues is None:
                 await self.broker.subscribe(conversation_id)
                 queues = self._queues[conversation_id] = set()
+                self._recent[conversation_id] = deque(maxlen=RECENT_FRAMES)
             queues.add(queue)
 
     async def detach(self, conversation_id: str, queue: ViewerQueue) -> None:
@@ -131,6 +181,8 @@ class Hub:
             queues.discard(queue)
             if not queues:
                 del self._queues[conversation_id]
+                del self._recent[conversation_id]
+                self._presence.pop(conversation_id, None)
                 self._locks.pop(conversation_id, None)
                 await self.broker.unsubscribe(conversation_id)
 
@@ -172,6 +224,10 @@ class Follower:
         while True:
             batch = list(queue.control)
             queue.control.clear()
+            if queue.presence is not None:
+                if not self.logged_only:
+                    batch.append(queue.presence)
+                queue.presence = None
             if queue.lagging or queue.resync:
                 queue.lagging = queue.resync = False
                 queue.frames.clear()
@@ -184,10 +240,7 @@ class Follower:
             while queue.frames:
                 frame = queue.frames.popleft()
                 seq = seq_of_text(frame)
-                if seq == 0:
-                    if not self.logged_only:
-                        batch.append(frame)
-                elif seq == self.last_sent + 1:
+                if seq == self.last_sent + 1:
                     self.last_sent = seq
                     batch.append(frame)
                 elif seq > self.last_sent + 1:
@@ -215,13 +268,15 @@ class Follower:
     async def _read_log_page(self) -> list[str]:
         # Live frames queued from here on are deduplicated against what the log gives.
         self._needs_log = False
-        frames = await self.hub.broker.read_log(self.conversation_id, self.last_sent, _LOG_PAGE)
-        if not frames:
+        texts = self.hub.recent_after(self.conversation_id, self.last_sent, _LOG_PAGE)
+        if texts is None:
+            frames = await self.hub.broker.read_log(self.conversation_id, self.last_sent, _LOG_PAGE)
+            texts = [frame.decode() for frame in frames]
+        if not texts:
             return []
-        texts = [frame.decode() for frame in frames]
         if seq_of_text(texts[0]) > self.last_sent + 1:
             raise FellBehind(self.conversation_id)
         self.last_sent = seq_of_text(texts[-1])
-        if len(frames) == _LOG_PAGE:
+        if len(texts) == _LOG_PAGE:
             self._needs_log = True
         return texts

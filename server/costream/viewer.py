@@ -244,10 +244,7 @@ class ViewerSession:
                     head = await follower.check_head()
                     await self._send(protocol.encode(protocol.Heartbeat(head=head)).decode())
                     continue
-                for frame in batch:
-                    if frame.startswith(_PRESENCE_PREFIX) and not self._presence_changed(frame):
-                        continue
-                    await self._send(frame)
+                await self._send_batch(batch)
                 sent.inc(len(batch))
         except FellBehind:
             self.services.metrics.slow_closes.inc()
@@ -315,6 +312,18 @@ class ViewerSession:
     @staticmethod
     def _error(code: protocol.RefusalCode, message: str) -> str:
         return protocol.encode(protocol.Error(code=code, message=message)).decode()
+
+    async def _send_batch(self, batch: list[str]) -> None:
+        """Send frames in order, under one timeout for the batch (not one per frame)."""
+        send_text = self.websocket.send_text
+        try:
+            async with asyncio.timeout(self.settings.send_timeout_s):
+                for frame in batch:
+                    if frame.startswith(_PRESENCE_PREFIX) and not self._presence_changed(frame):
+                        continue
+                    await send_text(frame)
+        except TimeoutError:
+            raise Close(CLOSE_SLOW_CONSUMER, "not reading, reconnect and resume") from None
 
     async def _send(self, text: str) -> None:
         try:

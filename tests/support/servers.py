@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -88,7 +88,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
     def start(
-        *, redis_url: str | None = None, env: dict[str, str] | None = None, args: list[str] = ()
+        *, redis_url: str | None = None, env: dict[str, str] | None = None, args: Sequence[str] = ()
     ) -> ServerProcess:
         port = free_port()
         full_env = {

@@ -1,0 +1,162 @@
+"""A viewer process for the fan-out benchmarks: many WebSocket viewers on one event loop.
+
+Started by ``bench_fanout.py`` (and ``bench_memory.py``), not by hand. Reads a JSON plan
+from argv[1]: ``{"targets": [{"wsUrl", "conversationId", "token", "count"}], "deadlineS",
+"compression", "latencies"}``. It connects every viewer (``hello`` with ``lastSeq`` 0,
+waits for ``welcome``), prints ``READY <n>``, then receives until each viewer saw the
+``END`` token or the deadline passed, and prints one ``RESULT {json}`` line.
+
+Token frames carry their publish time: a ``TEXT_MESSAGE_CONTENT`` whose ``delta`` is one
+or more ``<time_ns> `` words (several when deltas were merged). Each word gives one
+token-to-viewer latency (receive time minus publish time, same machine clock). Latencies
+go to the binary file ``latencies`` (int64 nanoseconds). The worker counts per viewer:
+tokens, logged frames, seq gaps and duplicates, first and last token receive times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import time
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+SEQ_PREFIX = '{"seq":'
+DELTA_KEY = '"delta":"'
+CONNECT_CONCURRENCY = 25
+
+
+@dataclass
+class ViewerStats:
+    tokens: int = 0
+    frames: int = 0
+    gaps: int = 0
+    duplicates: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    ended: bool = False
+    close_code: int | None = None
+
+
+async def open_viewer(target: dict[str, Any], compression: bool) -> ClientConnection:
+    ws = await connect(
+        target["wsUrl"],
+        subprotocols=[Subprotocol("costream.v1")],
+        compression="deflate" if compression else None,
+        max_size=2**20,
+        open_timeout=60,
+        ping_interval=None,
+        max_queue=None,
+    )
+    hello = {
+        "type": "hello",
+        "conversationId": target["conversationId"],
+        "token": target["token"],
+        "lastSeq": 0,
+        "epoch": None,
+    }
+    await ws.send(json.dumps(hello))
+    welcome = json.loads(await asyncio.wait_for(ws.recv(), 60))
+    if welcome.get("type") != "welcome":
+        raise RuntimeError(f"expected welcome, got {welcome}")
+    return ws
+
+
+async def watch(ws: ClientConnection, stats: ViewerStats, latencies: array[int] | None) -> None:
+    last_seq = 0
+    try:
+        async for message in ws:
+            now = time.time_ns()
+            assert isinstance(message, str)
+            if not message.startswith(SEQ_PREFIX):
+                continue  # presence, heartbeat
+            stats.frames += 1
+            seq = int(message[7 : message.index(",", 7)])
+            if last_seq and seq != last_seq + 1:
+                if seq <= last_seq:
+                    stats.duplicates += 1
+                else:
+                    stats.gaps += seq - last_seq - 1
+            last_seq = max(last_seq, seq)
+            at = message.rfind(DELTA_KEY)
+            if at < 0 or "TEXT_MESSAGE_CONTENT" not in message:
+                continue
+            words = message[at + len(DELTA_KEY) : message.index('"', at + len(DELTA_KEY))]
+            for word in words.split():
+                if word == "END":
+                    stats.ended = True
+                    return
+                stats.tokens += 1
+                if latencies is not None:
+                    latencies.append(now - int(word))
+            if not stats.first_ns:
+                stats.first_ns = now
+            stats.last_ns = now
+    except ConnectionClosed as closed:
+        stats.close_code = closed.rcvd.code if closed.rcvd else None
+
+
+async def run(plan: dict[str, Any]) -> tuple[dict[str, Any], array[int] | None]:
+    compression = bool(plan.get("compression", True))
+    wanted = [t for t in plan["targets"] for _ in range(t["count"])]
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def open_one(target: dict[str, Any]) -> ClientConnection:
+        async with gate:
+            return await open_viewer(target, compression)
+
+    started = time.monotonic()
+    sockets = await asyncio.gather(*(open_one(t) for t in wanted))
+    connect_s = time.monotonic() - started
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"READY {len(sockets)} {connect_s:.3f}", flush=True)
+
+    latencies: array[int] | None = array("q") if plan.get("latencies", True) else None
+    stats = [ViewerStats() for _ in sockets]
+    tasks = [
+        asyncio.create_task(watch(ws, s, latencies)) for ws, s in zip(sockets, stats, strict=True)
+    ]
+    watch_started = time.monotonic()
+    _, pending = await asyncio.wait(tasks, timeout=plan["deadlineS"])
+    watch_s = time.monotonic() - watch_started
+    for task in pending:
+        task.cancel()
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    result = {
+        "viewers": len(sockets),
+        "connectS": connect_s,
+        "watchS": watch_s,
+        "cpuS": cpu,
+        "timedOut": len(pending),
+        "tokens": [s.tokens for s in stats],
+        "frames": sum(s.frames for s in stats),
+        "gaps": sum(s.gaps for s in stats),
+        "duplicates": sum(s.duplicates for s in stats),
+        "ended": sum(s.ended for s in stats),
+        "closeCodes": sorted({s.close_code for s in stats if s.close_code is not None}),
+        "firstNs": min((s.first_ns for s in stats if s.first_ns), default=0),
+        "lastNs": max((s.last_ns for s in stats), default=0),
+    }
+    return result, latencies
+
+
+def main() -> None:
+    plan = json.loads(sys.argv[1])
+    result, latencies = asyncio.run(run(plan))
+    if latencies is not None:
+        Path(plan["latenciesPath"]).write_bytes(latencies.tobytes())
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
