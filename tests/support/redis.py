@@ -1,1 +1,144 @@
-"""Placeholder: filled in by its owner."""
+"""A real ``redis-server`` on a free port, which a test may stop, kill, restart or pause.
+
+    def test_something(redis_server, redis_url):
+        redis_url                       # redis://127.0.0.1:<port>/0
+        redis_server.kill_pubsub()      # CLIENT KILL TYPE pubsub
+        redis_server.stop(); redis_server.start()   # the append-only file keeps the data
+
+The fixtures are blocking on purpose (sync fixtures are fine under pytest-asyncio); from an
+async test, call the methods through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+
+def _free_port() -> int:
+    # Not servers.free_port: importing a sibling plugin here would stop pytest from
+    # rewriting its asserts (it is registered after this one).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One ``redis-server`` process, its data and log in ``directory``."""
+
+    def __init__(
+        self, directory: Path, *, appendonly: bool = True, password: str | None = None
+    ) -> None:
+        self.directory = directory
+        self.appendonly = appendonly
+        self.password = password
+        self._port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def port(self) -> int:
+        """The TCP port, the same across restarts."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The URL a broker connects with (carrying the password, if any)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self._port}/0"
+
+    def client(self) -> redis.Redis:
+        """A plain blocking client, for the test's own commands."""
+        return redis.Redis(
+            host="127.0.0.1", port=self._port, password=self.password, socket_timeout=5
+        )
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the server (same port, same data directory) and wait until PING answers."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (scripts/test installs it)")
+        args = [
+            binary,
+            "--port", str(self._port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--dir", str(self.directory),
+            "--logfile", str(self.directory / "redis.log"),
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited early:\n{self.log_text()}")
+            try:
+                with self.client() as client:
+                    if client.ping():
+                        return
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not answer PING:\n{self.log_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        """Stop the server (SIGTERM: it flushes the append-only file first)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies without any cleanup."""
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        """Stop, then start again with the same port and data."""
+        self.stop()
+        self.start()
+
+    def kill_pubsub(self) -> int:
+        """Close every pub/sub connection (``CLIENT KILL TYPE pubsub``); how many."""
+        with self.client() as client:
+            return int(client.client_kill_filter(_type="pubsub"))
+
+    def pause(self, ms: int) -> None:
+        """Stop serving clients for ``ms`` milliseconds (``CLIENT PAUSE``)."""
+        with self.client() as client:
+            client.client_pause(ms)
+
+    def log_text(self) -> str:
+        """What redis-server logged so far."""
+        path = self.directory / "redis.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server with an append-only file, stopped after the test."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of the test's redis-server."""
+    return redis_server.url
