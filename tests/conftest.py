@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.support.redis",
     "tests.support.llm_server",
     "tests.support.servers",
+    "tests.support.redis_cluster",
 ]

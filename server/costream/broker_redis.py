@@ -1,4 +1,8 @@
-"""The Redis broker: any number of server processes share conversations through one Redis.
+"""The Redis broker: any number of server processes share conversations through Redis.
+
+``--redis-url`` names one Redis (``redis://``, ``rediss://`` for TLS, user and password in
+the URL as usual) or a Redis Cluster: ``redis+cluster://[user:pass@]host:port[,host:port]``
+(``rediss+cluster://`` for TLS), whose masters are discovered from those startup nodes.
 
 Keys of one conversation share the hash tag ``{<id>}``, so a Redis Cluster keeps a
 conversation on one shard and a Lua script may touch all of them:
@@ -10,216 +14,42 @@ conversation on one shard and a Lua script may touch all of them:
 - ``costream:{id}:presence``  sorted set: viewer id -> expiry (ms, Redis's clock)
 - ``costream:{id}:snapshot``  the latest MESSAGES_SNAPSHOT frame
 - ``costream:{id}:map:<name>``, ``costream:{id}:list:<name>``  store.py's maps and lists
-- ``costream:{id}:live``      the pub/sub channel of the live tail
+- ``costream:{id}:live``      the pub/sub channel of the live tail (in the same slot)
 
-Every append is one Lua script: check the fencing token, then per body HINCRBY the head,
-splice the seq in (like ``protocol.with_seq``), XADD and PUBLISH the same bytes, then
-trim. Redis runs a script atomically, so a frame is in the log before it is published
-and the publications of a conversation are in seq order.
+Every append is one Lua script (``redis_scripts``): check the fencing token, then per body
+HINCRBY the head, splice the seq in (like ``protocol.with_seq``), XADD and publish the
+same bytes, then trim. Redis runs a script atomically, so a frame is in the log before it
+is published and the publications of a conversation are in seq order. On a cluster the
+script publishes with ``SPUBLISH``, so a publication stays on the conversation's shard.
 
-One pub/sub connection per broker feeds ``on_frame`` from one reader task. When that
-connection breaks (killed, Redis restarted, or silent for too long) the reader reconnects
-with backoff, subscribes again, and calls ``on_resync`` for every conversation it had, as
-soon as its subscription is back, so consumers re-read the log.
+The live tail (``broker_redis_live.LiveTail``) comes over pub/sub links: ``SUBSCRIBE`` on
+one Redis, ``SSUBSCRIBE`` per master on a cluster, reconnected after a break with
+``on_resync`` for every conversation it had.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis import exceptions as redis_errors
-from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT
 
+from . import redis_scripts as scripts
 from .broker import ActiveRun, Broker, FrameListener, LogState, ResyncListener, RunLease
+from .broker_redis_live import UNAVAILABLE, LiveTail
 from .errors import LeaseLost, RunActive, StorageUnavailable
-
-log = logging.getLogger(__name__)
 
 _COMMAND_TIMEOUT_S: Final = 5.0
 _CONNECT_TIMEOUT_S: Final = 3.0
-_SUBSCRIBE_TIMEOUT_S: Final = 5.0
-_LIVE_PING_S: Final = 1.0  # ping the pub/sub connection after this long without a message
-_LIVE_DEAD_S: Final = 5.0  # no message and no pong for this long: the connection is dead
-_BACKOFF_MIN_S: Final = 0.05
-_BACKOFF_MAX_S: Final = 2.0
-
-# The errors that mean "the storage did not answer", as opposed to a bug of ours.
-_UNAVAILABLE: Final = (
-    redis_errors.ConnectionError,  # also BusyLoadingError, AuthenticationError
-    redis_errors.TimeoutError,
-    redis_errors.ReadOnlyError,
-    redis_errors.OutOfMemoryError,
-    redis_errors.ClusterDownError,
-    redis_errors.TryAgainError,
-    OSError,
-    TimeoutError,
-)
-
-# Codes the run scripts return instead of a seq or a fence.
-_LEASE_LOST: Final = -1
-_RUN_ACTIVE: Final = -1
-_VANISHED: Final = -2
-
-# Shared by the run scripts. KEYS: meta, log, run, lease, snapshot. ARGV[1]: the live
-# channel, ARGV[2]: log_retain, ARGV[3]: the fence (or the ttl for take_over).
-_RUN_PRELUDE: Final = """
-local meta, log, run, lease, snapshot = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local channel, retain = ARGV[1], tonumber(ARGV[2])
-
-local function append(body)
-  local seq = redis.call('HINCRBY', meta, 'head', 1)
-  -- protocol.with_seq: {"type":..} becomes {"seq":N,"type":..}
-  local frame = '{"seq":' .. string.format('%d', seq) .. ',' .. string.sub(body, 2)
-  redis.call('XADD', log, string.format('%d-0', seq), 'f', frame)
-  redis.call('PUBLISH', channel, frame)
-  return seq
-end
-
-local function trim()
-  -- Keep the last `retain` events and everything after the latest snapshot.
-  local head = tonumber(redis.call('HGET', meta, 'head') or '0')
-  local snap = tonumber(redis.call('HGET', meta, 'snapshot_seq') or '0')
-  local keep_from = math.min(head - retain + 1, snap + 1)
-  if keep_from > 1 then
-    redis.call('XTRIM', log, 'MINID', string.format('%d-0', keep_from))
-  end
-end
-
-local function holds_lease(fence)
-  return redis.call('HGET', run, 'fence') == fence and redis.call('GET', lease) == fence
-end
-
-local function head()
-  return tonumber(redis.call('HGET', meta, 'head') or '0')
-end
-"""
-
-# ARGV[3]: run id, ARGV[4]: ttl ms, ARGV[5]: the RUN_STARTED body. Returns the new fence.
-_START_RUN: Final = (
-    _RUN_PRELUDE
-    + """
-if redis.call('EXISTS', meta) == 0 then return -2 end
-if redis.call('EXISTS', run) == 1 then return -1 end
-local fence = string.format('%d', redis.call('HINCRBY', meta, 'fence', 1))
-redis.call('HSET', run, 'run_id', ARGV[3], 'fence', fence,
-           'start_seq', string.format('%d', head() + 1), 'cancel', '0')
-redis.call('SET', lease, fence, 'PX', ARGV[4])
-append(ARGV[5])
-trim()
-return tonumber(fence)
-"""
-)
-
-# ARGV[4..]: bodies. Returns the seq of the last (the head).
-_APPEND: Final = (
-    _RUN_PRELUDE
-    + """
-if not holds_lease(ARGV[3]) then return -1 end
-local seq = head()
-for i = 4, #ARGV do seq = append(ARGV[i]) end
-trim()
-return seq
-"""
-)
-
-# ARGV[4]: '1' when ARGV[5] is a snapshot body, ARGV[6..]: bodies.
-_FINISH_RUN: Final = (
-    _RUN_PRELUDE
-    + """
-if not holds_lease(ARGV[3]) then return -1 end
-local seq = head()
-for i = 6, #ARGV do seq = append(ARGV[i]) end
-redis.call('DEL', run, lease)
-if ARGV[4] == '1' then
-  local at = string.format('%d', seq)
-  redis.call('SET', snapshot, '{"seq":' .. at .. ',' .. string.sub(ARGV[5], 2))
-  redis.call('HSET', meta, 'snapshot_seq', at)
-end
-trim()
-return seq
-"""
-)
-
-# ARGV[4]: ttl ms. Returns 1 when a cancel was requested, else 0.
-_RENEW_LEASE: Final = (
-    _RUN_PRELUDE
-    + """
-if not holds_lease(ARGV[3]) then return -1 end
-redis.call('SET', lease, ARGV[3], 'PX', ARGV[4])
-if redis.call('HGET', run, 'cancel') == '1' then return 1 end
-return 0
-"""
-)
-
-# ARGV[3]: ttl ms. Returns {fence, run id}, or nil when no run or its lease is alive.
-_TAKE_OVER_RUN: Final = (
-    _RUN_PRELUDE
-    + """
-if redis.call('EXISTS', run) == 0 or redis.call('EXISTS', lease) == 1 then return false end
-local fence = string.format('%d', redis.call('HINCRBY', meta, 'fence', 1))
-redis.call('HSET', run, 'fence', fence)
-redis.call('SET', lease, fence, 'PX', ARGV[3])
-return {fence, redis.call('HGET', run, 'run_id')}
-"""
-)
-
-# KEYS: run. Returns the run id, or nil when nothing runs.
-_REQUEST_CANCEL: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HSET', KEYS[1], 'cancel', '1')
-return redis.call('HGET', KEYS[1], 'run_id')
-"""
-
-# KEYS: presence. ARGV: channel, 'join'/'leave'/'refresh', ttl ms, viewer ids.
-# Redis's own clock (TIME), so the server processes' clocks do not matter.
-_PRESENCE: Final = """
-local key, channel, mode, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local before = redis.call('ZCARD', key)
-for i = 4, #ARGV do
-  if mode == 'leave' then
-    redis.call('ZREM', key, ARGV[i])
-  else
-    redis.call('ZADD', key, string.format('%d', now + ttl), ARGV[i])
-  end
-end
-redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. string.format('%d', now))
-local count = redis.call('ZCARD', key)
-if count > 0 then
-  -- The key lives as long as its longest-lived viewer.
-  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', key, last[2])
-end
-if mode ~= 'refresh' or count ~= before then
-  redis.call('PUBLISH', channel, '{"type":"presence","viewers":' .. count .. '}')
-end
-return count
-"""
-
-# KEYS: meta. ARGV: field, value, field, value... Returns -2 for an unknown conversation.
-_UPDATE_RECORD: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 0
-"""
-
-# KEYS: meta. ARGV: field, amount. Returns the new value, or nil for an unknown conversation.
-_ADD_TO_RECORD: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-return redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2])
-"""
 
 _LOG_STATE_FIELDS: Final = ("head", "fence", "snapshot_seq")  # in meta, not in the record
 
@@ -251,48 +81,102 @@ def _secrets_of(url: str) -> list[str]:
     return [s for text in found if text for s in {text, unquote(text)}]
 
 
+_CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """Where ``--redis-url`` points."""
+
+    url: str  # a redis:// or rediss:// URL: the one Redis, or a cluster's first startup node
+    nodes: tuple[tuple[str, int], ...]  # a cluster's startup nodes; empty for one Redis
+    where: str  # for messages: host:port, no credentials
+
+    @classmethod
+    def parse(cls, url: str) -> _Endpoint:
+        parts = urlsplit(url)
+        scheme = _CLUSTER_SCHEMES.get(parts.scheme.lower())
+        if scheme is None:
+            return cls(url, (), _netloc(parts.hostname or "localhost", parts.port or 6379))
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        nodes = []
+        for item in hosts.split(","):
+            if item.strip():
+                node = urlsplit(f"//{item.strip()}")
+                nodes.append((node.hostname or "localhost", node.port or 6379))
+        if not nodes:
+            raise ValueError(f"a {parts.scheme} URL names at least one host:port")
+        plain = urlunsplit(
+            (scheme, userinfo + at + _netloc(*nodes[0]), parts.path, parts.query, "")
+        )
+        return cls(plain, tuple(nodes), "cluster " + ",".join(_netloc(*n) for n in nodes))
+
+    def node_url(self, host: str, port: int) -> str:
+        """The URL of one node of the cluster, with the credentials and options of ``url``."""
+        parts = urlsplit(self.url)
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        netloc = userinfo + at + _netloc(host, port)
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
 class RedisBroker(Broker):
-    """Conversations in Redis, shared by every process connected to it."""
+    """Conversations in Redis (one server or a cluster), shared by every process connected to it."""
 
     def __init__(self, url: str, log_retain: int = 10_000) -> None:
         self.log_retain = log_retain
-        parts = urlsplit(url)
-        self._where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+        self._endpoint = _Endpoint.parse(url)
+        self._where = self._endpoint.where
         self._secrets = _secrets_of(url)
-        options: dict[str, Any] = {
+        self._options: dict[str, Any] = {
             "socket_timeout": _COMMAND_TIMEOUT_S,
             "socket_connect_timeout": _CONNECT_TIMEOUT_S,
             "socket_keepalive": True,
             # No automatic retries: a timed-out append may have run, and running it again
-            # would log its events twice. The callers decide what to retry.
+            # would log its events twice. The callers decide what to retry. (A cluster's
+            # MOVED and TRYAGAIN are still followed: the command did not run.)
             "retry": Retry(NoBackoff(), 0),
             # With maintenance notifications on ("auto"), redis-py skips its check for a
             # pooled connection the server closed, so the first command after a Redis
             # restart would fail.
             "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         }
-        self._redis = aioredis.Redis.from_url(url, **options)
-        # Pub/sub gets its own pool, so a subscribed connection never serves a command.
-        self._live = aioredis.Redis.from_url(url, **options)
-        self._start_run = self._redis.register_script(_START_RUN)
-        self._append = self._redis.register_script(_APPEND)
-        self._finish_run = self._redis.register_script(_FINISH_RUN)
-        self._renew_lease = self._redis.register_script(_RENEW_LEASE)
-        self._take_over_run = self._redis.register_script(_TAKE_OVER_RUN)
-        self._request_cancel = self._redis.register_script(_REQUEST_CANCEL)
-        self._presence = self._redis.register_script(_PRESENCE)
-        self._update_record = self._redis.register_script(_UPDATE_RECORD)
-        self._add_to_record = self._redis.register_script(_ADD_TO_RECORD)
+        self._cluster: RedisCluster | None = None
+        self._redis: aioredis.Redis | RedisCluster
+        if self._endpoint.nodes:
+            startup = [ClusterNode(host, port) for host, port in self._endpoint.nodes]
+            self._cluster = RedisCluster.from_url(
+                self._endpoint.url, startup_nodes=startup, **self._options
+            )
+            self._redis = self._cluster
+        else:
+            self._redis = aioredis.Redis.from_url(url, **self._options)
+        self._live = LiveTail(
+            self._cluster, self._link_client, describe=self._describe, where=self._where
+        )
+        sharded = self._cluster is not None
+        register = self._redis.register_script
+        self._start_run = register(scripts.lua(scripts.START_RUN, sharded=sharded))
+        self._append = register(scripts.lua(scripts.APPEND, sharded=sharded))
+        self._finish_run = register(scripts.lua(scripts.FINISH_RUN, sharded=sharded))
+        self._renew_lease = register(scripts.lua(scripts.RENEW_LEASE, sharded=sharded))
+        self._take_over_run = register(scripts.lua(scripts.TAKE_OVER_RUN, sharded=sharded))
+        self._request_cancel = register(scripts.lua(scripts.REQUEST_CANCEL, sharded=sharded))
+        self._presence = register(scripts.lua(scripts.PRESENCE, sharded=sharded))
+        self._update_record = register(scripts.lua(scripts.UPDATE_RECORD, sharded=sharded))
+        self._add_to_record = register(scripts.lua(scripts.ADD_TO_RECORD, sharded=sharded))
 
-        self._on_frame: FrameListener | None = None
-        self._on_resync: ResyncListener | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._pubsub: PubSub | None = None  # set while the pub/sub connection is up
-        self._channels: dict[bytes, str] = {}  # wanted: channel -> conversation id
-        self._confirmed: set[str] = set()  # subscribed on the current connection
-        self._resync_pending: set[str] = set()  # lost with a connection, not yet back
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._closed = False
+
+    def _link_client(self, node: ClusterNode | None) -> aioredis.Redis:
+        """A client of its own for a pub/sub link: to the one Redis, or to one cluster master."""
+        if node is None:
+            return aioredis.Redis.from_url(self._endpoint.url, **self._options)
+        url = self._endpoint.node_url(node.host, int(node.port))
+        return aioredis.Redis.from_url(url, **self._options)
 
     # ---- errors --------------------------------------------------------------------
     def _describe(self, error: BaseException) -> str:
@@ -308,40 +192,31 @@ class RedisBroker(Broker):
             raise StorageUnavailable("broker closed")
         try:
             yield
-        except _UNAVAILABLE as error:
+        except UNAVAILABLE as error:
             # `from None`: the chained error's text is not scrubbed.
             raise StorageUnavailable(self._describe(error)) from None
 
     # ---- lifecycle ----------------------------------------------------------------
     async def start(self, on_frame: FrameListener, on_resync: ResyncListener) -> None:
-        self._on_frame, self._on_resync = on_frame, on_resync
         self._closed = False
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read_live(), name="costream-redis-live")
+        await self._live.start(on_frame, on_resync)
 
     async def close(self) -> None:
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(StorageUnavailable("broker closed"))
-        self._waiters.clear()
-        with contextlib.suppress(*_UNAVAILABLE):
+        await self._live.stop()
+        with contextlib.suppress(*UNAVAILABLE):
             await self._redis.aclose()
-        with contextlib.suppress(*_UNAVAILABLE):
-            await self._live.aclose()
+        await self._live.aclose()
 
     async def ping(self) -> bool:
+        """Whether Redis answers; on a cluster, whether every master does."""
         if self._closed:
             return False
         try:
+            if self._cluster is not None:
+                return bool(await self._cluster.ping(target_nodes=RedisCluster.PRIMARIES))
             return bool(await self._redis.ping())
-        except _UNAVAILABLE:
+        except UNAVAILABLE:
             return False
 
     # ---- records -------------------------------------------------------------------
@@ -380,7 +255,7 @@ class RedisBroker(Broker):
         flat = [item for pair in fields.items() for item in pair]
         with self._storage():
             code = await self._update_record(keys=[_key(conversation_id, "meta")], args=flat)
-        if code == _VANISHED:
+        if code == scripts.VANISHED:
             raise StorageUnavailable("conversation vanished")
 
     async def add_to_record(self, conversation_id: str, field: str, amount: float) -> float:
@@ -467,9 +342,9 @@ class RedisBroker(Broker):
                     args=self._run_args(conversation_id, run_id, ttl_ms, body),
                 )
             )
-        if fence == _RUN_ACTIVE:
+        if fence == scripts.RUN_ACTIVE:
             raise RunActive(conversation_id)
-        if fence == _VANISHED:
+        if fence == scripts.VANISHED:
             raise StorageUnavailable("conversation vanished")
         return RunLease(conversation_id, run_id, fence)
 
@@ -482,7 +357,7 @@ class RedisBroker(Broker):
                     args=self._run_args(conversation_id, lease.fence, *bodies),
                 )
             )
-        if seq == _LEASE_LOST:
+        if seq == scripts.LEASE_LOST:
             raise LeaseLost(conversation_id)
         return seq
 
@@ -500,7 +375,7 @@ class RedisBroker(Broker):
                     ),
                 )
             )
-        if seq == _LEASE_LOST:
+        if seq == scripts.LEASE_LOST:
             raise LeaseLost(conversation_id)
         return seq
 
@@ -513,7 +388,7 @@ class RedisBroker(Broker):
                     args=self._run_args(conversation_id, lease.fence, ttl_ms),
                 )
             )
-        if answer == _LEASE_LOST:
+        if answer == scripts.LEASE_LOST:
             raise LeaseLost(conversation_id)
         return answer == 1
 
@@ -573,111 +448,7 @@ class RedisBroker(Broker):
     # ---- live tail -------------------------------------------------------------------
     async def subscribe(self, conversation_id: str) -> None:
         """Subscribed when this returns: every frame published from now on is delivered."""
-        if self._closed:
-            raise StorageUnavailable("broker closed")
-        channel = _channel(conversation_id)
-        if self._channels.get(channel) == conversation_id and conversation_id in self._confirmed:
-            return
-        self._channels[channel] = conversation_id
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(conversation_id, []).append(waiter)
-        pubsub = self._pubsub
-        if pubsub is not None:
-            # On a broken connection the reader subscribes everything again, so the
-            # waiter is answered either way.
-            with contextlib.suppress(*_UNAVAILABLE):
-                await pubsub.subscribe(channel)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), _SUBSCRIBE_TIMEOUT_S)
-        except TimeoutError:
-            waiters = self._waiters.get(conversation_id, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._waiters.pop(conversation_id, None)
-                self._channels.pop(channel, None)
-            raise StorageUnavailable(
-                f"redis at {self._where} did not confirm a subscription"
-            ) from None
+        await self._live.subscribe(conversation_id, _channel(conversation_id))
 
     async def unsubscribe(self, conversation_id: str) -> None:
-        channel = _channel(conversation_id)
-        self._channels.pop(channel, None)
-        self._confirmed.discard(conversation_id)
-        self._resync_pending.discard(conversation_id)
-        pubsub = self._pubsub
-        if pubsub is not None:
-            with contextlib.suppress(*_UNAVAILABLE):
-                await pubsub.unsubscribe(channel)
-
-    async def _read_live(self) -> None:
-        """The reader task: keep one pub/sub connection up, for as long as the broker runs."""
-        delay = _BACKOFF_MIN_S
-        failures = 0  # connection attempts failed in a row
-        while True:
-            pubsub = self._live.pubsub()
-            try:
-                await self._listen(pubsub)
-            except _UNAVAILABLE as error:
-                was_up = self._pubsub is not None
-                failures = 0 if was_up else failures + 1
-                # Once per outage at warning level; the retries every few seconds at debug.
-                level = logging.WARNING if failures <= 1 else logging.DEBUG
-                what = "lost" if was_up else "cannot be re-established"
-                log.log(level, "redis pub/sub connection %s: %s", what, self._describe(error))
-            except Exception:
-                log.exception("redis pub/sub reader failed")
-            finally:
-                if self._pubsub is not None:
-                    delay = _BACKOFF_MIN_S  # it was up: reconnect at once
-                self._pubsub = None
-                # Whatever was delivering before the break may have missed frames.
-                self._resync_pending |= self._confirmed
-                self._confirmed.clear()
-                with contextlib.suppress(*_UNAVAILABLE):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _BACKOFF_MAX_S)
-
-    async def _listen(self, pubsub: PubSub) -> None:
-        """Connect, subscribe every wanted channel, and deliver until the connection fails."""
-        await pubsub.connect()  # type: ignore[no-untyped-call]  # untyped in redis-py
-        self._pubsub = pubsub
-        if self._channels:
-            await pubsub.subscribe(*self._channels)
-        loop = asyncio.get_running_loop()
-        last_heard = loop.time()
-        while True:
-            message = await pubsub.get_message(timeout=_LIVE_PING_S)
-            if message is not None:
-                last_heard = loop.time()
-                self._handle(message)
-                continue
-            # Silence: a half-open connection raises nothing, so ask for a pong.
-            if loop.time() - last_heard > _LIVE_DEAD_S:
-                raise redis_errors.TimeoutError("no pong on the pub/sub connection")
-            await pubsub.ping(b"costream")
-
-    def _handle(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        conversation_id = self._channels.get(message["channel"] or b"")
-        if conversation_id is None:
-            return  # a pong, or a channel no longer wanted
-        if kind == "message":
-            if self._on_frame is not None:
-                try:
-                    self._on_frame(conversation_id, message["data"])
-                except Exception:
-                    log.exception("frame listener failed")
-        elif kind == "subscribe":
-            self._confirmed.add(conversation_id)
-            for waiter in self._waiters.pop(conversation_id, []):
-                if not waiter.done():
-                    waiter.set_result(None)
-            if conversation_id in self._resync_pending:
-                self._resync_pending.discard(conversation_id)
-                if self._on_resync is not None:
-                    try:
-                        self._on_resync(conversation_id)
-                    except Exception:
-                        log.exception("resync listener failed")
+        await self._live.unsubscribe(conversation_id, _channel(conversation_id))

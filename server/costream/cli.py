@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
     serve.add_argument(
-        "--redis-url", default=None, help="Redis URL (default REDIS_URL; none: embedded)"
+        "--redis-url",
+        default=None,
+        help="Redis URL, or redis+cluster://host:port for a cluster (default REDIS_URL; none: embedded)",
     )
     serve.add_argument(
         "--flush-ms", type=int, default=None, help="delta merging window in ms, 0 = off"
