@@ -20,9 +20,10 @@ import pytest
 from costream import protocol
 from costream.broker_memory import MemoryBroker
 from costream.config import Settings
+from costream.llm import to_llm_messages
 from costream.metrics import Metrics
 from costream.protocol import FunctionCall, SnapshotMessage, ToolCall
-from costream.runner import Runs, to_llm_messages
+from costream.runner import Runs
 from costream.store import Store
 from costream.tools import TOOL_SPECS
 from tests.support.llm_server import (

@@ -15,10 +15,12 @@ first, so every ``*_START`` has its ``*_END``.
 - ``max_steps``: a model that still calls tools after the last step ends the run with
   ``RUN_FINISHED`` success; its tool results are in the history, so the next message
   continues from there.
-- Secrets: error messages are our own words (status, provider), never LiteLLM's text,
-  which may quote the request or the provider's answer, and so the API key.
+- Secrets: error messages are our own words (status, provider; ``llm.classify``), never
+  LiteLLM's text, which may quote the request or the provider's answer, and so the API key.
 
-LiteLLM is imported here only, lazily: it takes seconds and ~200 MB.
+LiteLLM is called here only, through :mod:`costream.llm` (its lazy import, the request's
+messages and options, the chunks' usage, errors and prices): the import takes seconds and
+~200 MB, so it happens at the process's first LLM call.
 """
 
 from __future__ import annotations
@@ -26,22 +28,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib
 import logging
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar
+from typing import Final, Literal, TypeVar
 
 from . import protocol
 from .broker import Broker, RunLease
-from .config import DEMO_MODEL, Settings
+from .config import Settings
 from .errors import LeaseLost, NoRun, NotFound, RunActive, StorageUnavailable
+from .llm import (
+    LLMFailure,
+    LLMMessage,
+    classify,
+    completion_options,
+    cost_usd,
+    finish_reason_of,
+    load_litellm,
+    provider_phrase,
+    to_llm_messages,
+    usage_of,
+)
 from .metrics import Metrics
 from .protocol import (
     Custom,
-    ErrorCode,
     Event,
     MessagesSnapshot,
     ReasoningEnd,
@@ -67,7 +79,7 @@ from .protocol import (
 )
 from .segments import DeltaMerger, StepOutput, StepSegments, new_id
 from .store import Store
-from .tools import TOOL_SPECS, Workspace
+from .tools import Workspace
 
 log = logging.getLogger("costream.runner")
 
@@ -80,171 +92,7 @@ _REAP_PAGE: Final = 1000
 StopReason = Literal["cancelled", "shutdown", "lease_lost", "storage"]
 
 
-def _litellm() -> Any:
-    """The ``litellm`` module, imported on first use (slow, heavy).
-
-    Through importlib so mypy does not type-check all of LiteLLM (minutes); its values
-    stay inside this module."""
-    return importlib.import_module("litellm")
-
-
-async def _load_litellm() -> Any:
-    """``litellm``, imported in a thread the first time: the import takes seconds, and the
-    event loop keeps serving viewers meanwhile."""
-    global _litellm_loaded
-    if not _litellm_loaded:
-        litellm: Any = await asyncio.to_thread(importlib.import_module, "litellm")
-        litellm.suppress_debug_info = True  # no "Give Feedback" banners quoting errors
-        # LiteLLM logs a line per call at INFO; the server's log keeps to its own events.
-        logging.getLogger("LiteLLM").setLevel(logging.WARNING)
-        _litellm_loaded = True
-    return _litellm()
-
-
-_litellm_loaded = False
-
-
-# ---- failures ---------------------------------------------------------------------
-
-
-class _Stopped(Exception):
-    """The run was asked to stop (cancel, shutdown, lease lost) at an interruptible point."""
-
-
-class _Failure(Exception):
-    """An LLM call failed; ``message`` is ours and safe to show."""
-
-    def __init__(
-        self,
-        code: ErrorCode,
-        message: str,
-        transient: bool = False,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.transient = transient
-        self.retry_after_s = retry_after_s
-
-
-def _status_of(error: BaseException) -> int | None:
-    status = getattr(error, "status_code", None)
-    return status if isinstance(status, int) else None
-
-
-def _retry_after(error: BaseException) -> float | None:
-    """A provider's ``Retry-After`` in seconds (LiteLLM keeps the response on the error)."""
-    for source in (getattr(error, "response", None), error):
-        headers = getattr(source, "headers", None)
-        if headers is None:
-            continue
-        try:
-            value = headers.get("retry-after") or headers.get("Retry-After")
-        except AttributeError:
-            continue
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value))
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
-def provider_phrase(model: str) -> str:
-    """How errors name the model's provider: "the LLM provider (openai)"."""
-    return f"the LLM provider ({model.split('/', 1)[0]})" if "/" in model else "the LLM provider"
-
-
-def classify(error: BaseException, provider: str) -> _Failure:
-    """Map an exception of an LLM call to a RUN_ERROR code, in our own words.
-
-    ``provider`` is :func:`provider_phrase`; the exception's own text is never used."""
-    if isinstance(error, _Failure):
-        return error
-    if isinstance(error, TimeoutError):
-        return _Failure("timeout", f"{provider} sent nothing in time", True)
-    litellm = _litellm()
-    status = _status_of(error)
-    if isinstance(error, litellm.RateLimitError) or status == 429:
-        return _Failure(
-            "rate_limited",
-            f"{provider} is rate limiting requests (HTTP 429)",
-            True,
-            _retry_after(error),
-        )
-    if isinstance(error, litellm.AuthenticationError | litellm.PermissionDeniedError) or status in (
-        401,
-        403,
-    ):
-        return _Failure(
-            "auth",
-            f"{provider} refused the credentials (HTTP {status or 401})",
-        )
-    if isinstance(error, litellm.Timeout) or status in (408,):
-        return _Failure("timeout", f"{provider} timed out", True)
-    if isinstance(error, litellm.ContextWindowExceededError):
-        return _Failure("bad_request", "the conversation is too long for the model")
-    if isinstance(
-        error,
-        litellm.BadRequestError | litellm.NotFoundError | litellm.UnprocessableEntityError,
-    ) or (status is not None and 400 <= status < 500):
-        return _Failure("bad_request", f"{provider} rejected the request (HTTP {status})")
-    if status is not None and status >= 500:
-        return _Failure("upstream", f"{provider} failed (HTTP {status})", True)
-    if isinstance(
-        error,
-        litellm.APIConnectionError
-        | litellm.InternalServerError
-        | litellm.ServiceUnavailableError
-        | litellm.BadGatewayError
-        | litellm.APIError
-        | OSError,
-    ) or type(error).__module__.startswith(("httpx", "httpcore", "aiohttp", "openai")):
-        return _Failure("upstream", f"the connection to {provider} failed", True)
-    return _Failure("internal", "the run failed unexpectedly")
-
-
 # ---- history ----------------------------------------------------------------------
-
-
-def to_llm_messages(system: str, history: Sequence[SnapshotMessage]) -> list[dict[str, Any]]:
-    """The conversation's AG-UI history as OpenAI/LiteLLM chat messages.
-
-    Reasoning is not sent back. A tool call with no result in the history (its run was
-    cancelled or failed before the tool ran) is left out: providers reject it."""
-    answered = {m.tool_call_id for m in history if m.role == "tool" and m.tool_call_id}
-    messages: list[dict[str, Any]] = []
-    if system:
-        messages.append({"role": "system", "content": system})
-    for message in history:
-        if message.role in ("user", "system"):
-            messages.append({"role": message.role, "content": message.content or ""})
-        elif message.role == "assistant":
-            calls = [c for c in message.tool_calls or () if c.id in answered]
-            if not calls and not message.content:
-                continue
-            item: dict[str, Any] = {"role": "assistant", "content": message.content or None}
-            if calls:
-                item["tool_calls"] = [
-                    {
-                        "id": c.id,
-                        "type": "function",
-                        "function": {"name": c.function.name, "arguments": c.function.arguments},
-                    }
-                    for c in calls
-                ]
-            messages.append(item)
-        elif message.role == "tool":
-            messages.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": message.tool_call_id or "",
-                    "content": message.content or "",
-                }
-            )
-    return messages
 
 
 def step_messages(output: StepOutput, with_tool_calls: bool = True) -> list[SnapshotMessage]:
@@ -267,39 +115,11 @@ def step_messages(output: StepOutput, with_tool_calls: bool = True) -> list[Snap
     return messages
 
 
-def _usage_of(chunk: object) -> Usage | None:
-    usage = getattr(chunk, "usage", None)
-    if usage is None:
-        return None
-    details = getattr(usage, "completion_tokens_details", None)
-    reasoning = getattr(details, "reasoning_tokens", None) if details is not None else None
-
-    def count(value: object) -> int:
-        return value if isinstance(value, int) else 0
-
-    return Usage(
-        input_tokens=count(getattr(usage, "prompt_tokens", 0)),
-        output_tokens=count(getattr(usage, "completion_tokens", 0)),
-        reasoning_tokens=count(reasoning),
-    )
-
-
-def cost_usd(model: str, usage: Usage) -> float:
-    """What LiteLLM's price table says a step cost; 0 for a model it does not know."""
-    if not (usage.input_tokens or usage.output_tokens):
-        return 0.0
-    try:
-        prompt, completion = _litellm().cost_per_token(
-            model=model,
-            prompt_tokens=usage.input_tokens,
-            completion_tokens=usage.output_tokens,
-        )
-        return float(prompt) + float(completion)
-    except Exception:  # unknown model: LiteLLM raises; a price is never worth a failed run
-        return 0.0
-
-
 # ---- one run ----------------------------------------------------------------------
+
+
+class _Stopped(Exception):
+    """The run was asked to stop (cancel, shutdown, lease lost) at an interruptible point."""
 
 
 @dataclass
@@ -419,7 +239,7 @@ class _Run:
                 ending = self._run_finished("success")
             except _Stopped:
                 ending = self._stop_ending()
-            except _Failure as failure:
+            except LLMFailure as failure:
                 ending = RunError(message=failure.message, code=failure.code)
             except asyncio.CancelledError:
                 if self._interrupting or self.stop_reason is not None:
@@ -582,7 +402,7 @@ class _Run:
             )
         )
 
-    async def _step(self, name: str, messages: list[dict[str, Any]]) -> StepOutput:
+    async def _step(self, name: str, messages: list[LLMMessage]) -> StepOutput:
         """One LLM call, retried on transient failures; its output once it ended."""
         attempt = 1
         while True:
@@ -634,26 +454,11 @@ class _Run:
             await self._finish_step(reason, step.segments.close(), usage, cost)
             return output
 
-    async def _stream(self, step: _Step, messages: list[dict[str, Any]]) -> tuple[str, Usage]:
+    async def _stream(self, step: _Step, messages: list[LLMMessage]) -> tuple[str, Usage]:
         """Stream one LLM call through the token callbacks; (finish reason, usage)."""
-        litellm = await self._interruptible(_load_litellm)
-        settings = self.settings
-        options: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "tools": TOOL_SPECS,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "max_retries": 0,  # the retries are ours, with events viewers can see
-        }
-        if self.model == DEMO_MODEL:
-            _register_demo(settings.demo_delay_ms)
-        else:
-            if settings.api_key:
-                options["api_key"] = settings.api_key
-            if settings.base_url:
-                options["api_base"] = settings.base_url
-        timeout = settings.llm_timeout_s
+        litellm = await self._interruptible(load_litellm)
+        options = completion_options(self.model, messages, self.settings)
+        timeout = self.settings.llm_timeout_s
         called = time.monotonic()
         stream = await self._interruptible(lambda: _within(timeout, litellm.acompletion(**options)))
         try:
@@ -673,8 +478,8 @@ class _Run:
                         self.runs.metrics.first_token_seconds.observe(time.monotonic() - called)
                     await step.merger.push(events)
                 self._call_callbacks(chunk)
-                reason = _finish_reason(chunk) or reason
-                usage = _usage_of(chunk) or usage
+                reason = finish_reason_of(chunk) or reason
+                usage = usage_of(chunk) or usage
             return reason, usage
         finally:
             await _quietly(stream.aclose, False)
@@ -689,14 +494,6 @@ class _Run:
                     log.exception(
                         "token callback %r raised; skipped for this run", _name_of(callback)
                     )
-
-
-def _finish_reason(chunk: object) -> str | None:
-    for choice in getattr(chunk, "choices", None) or ():
-        reason = getattr(choice, "finish_reason", None)
-        if isinstance(reason, str) and reason:
-            return reason
-    return None
 
 
 def _name_of(callback: object) -> str:
@@ -716,23 +513,6 @@ async def _quietly(close: Callable[[], Awaitable[object]], skip: bool) -> None:
         await close()
     except Exception:
         log.debug("cleanup failed", exc_info=True)
-
-
-_demo_registered = False
-
-
-def _register_demo(delay_ms: float) -> None:
-    """Add the demo model to LiteLLM's providers (demo.py), once."""
-    global _demo_registered
-    if _demo_registered:
-        return
-    try:
-        demo = importlib.import_module("costream.demo")
-    except ImportError:
-        log.error("the demo model (costream.demo) is not available")
-        return
-    demo.register(delay_ms)
-    _demo_registered = True
 
 
 # ---- the runs of a process ------------------------------------------------------------
@@ -814,7 +594,7 @@ class Runs:
         lease = await self.broker.take_over_run(conversation_id, self.settings.lease_ttl_ms)
         if lease is None:
             return
-        closing = await self._closing_events(conversation_id, active.start_seq)
+        closing = await self.closing_events(conversation_id, active.start_seq)
         closing.append(
             RunError(message="the run's server process stopped responding", code="producer_lost")
         )
@@ -830,7 +610,7 @@ class Runs:
         self.metrics.run_errors.inc()
         log.info("run %s of %s ended: producer_lost", lease.run_id, conversation_id)
 
-    async def _closing_events(self, conversation_id: str, start_seq: int) -> list[Event]:
+    async def closing_events(self, conversation_id: str, start_seq: int) -> list[Event]:
         """The events that end what a dead run left open, read from its log."""
         reasoning: dict[str, None] = {}
         texts: dict[str, None] = {}

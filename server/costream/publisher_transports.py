@@ -1,0 +1,364 @@
+"""Where a :class:`~costream.publisher.TokenPublisher`'s runs go: the two transports.
+
+- :class:`RedisTransport`: straight into the servers' Redis, with the broker and store the
+  servers use (``redis_url`` + ``conversation_id``).
+- :class:`HTTPTransport`: through a server's ingest endpoints (``ingest.py``) with the
+  conversation's write token (``url`` + ``token``).
+
+Both are blocking and called from the publisher's thread only. A failed call raises
+:class:`PublishError`, whose message is safe to log (no token, no password).
+:func:`start_external_run` and :func:`finish_external_run` start and end a run in storage
+as the runner does; the Redis transport and ``ingest.py`` share them.
+
+Neither Starlette nor LiteLLM is imported here, and the Redis broker only by the Redis
+transport, when it is made.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import http.client
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+
+from . import protocol
+from .broker import Broker, RunLease
+from .errors import LeaseLost, NotFound, RunActive, StorageUnavailable
+from .protocol import (
+    ErrorCode,
+    Event,
+    MessagesSnapshot,
+    RunAgentInput,
+    RunError,
+    RunFinished,
+    RunFinishedMeta,
+    RunOutcome,
+    RunStarted,
+    SnapshotMessage,
+    TokenUsage,
+    Usage,
+    UserMessage,
+)
+from .segments import new_id
+from .store import CONVERSATION_ID, Store
+
+T = TypeVar("T")
+Outcome = Literal["success", "cancelled", "error"]
+
+DEFAULT_LEASE_TTL_MS: Final = 10_000  # Settings.lease_ttl_ms
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+_MAX_REQUEST_BYTES: Final = 512 * 1024  # one HTTP request; the server takes up to 1 MiB
+
+
+# ---- runs in storage (the Redis transport here, the HTTP ingest in ingest.py) ------------
+
+
+async def start_external_run(
+    broker: Broker,
+    store: Store,
+    conversation_id: str,
+    content: str,
+    ttl_ms: int,
+    reap: Callable[[str], Awaitable[None]],
+) -> RunLease:
+    """Take the lease and append RUN_STARTED, as ``Runs.start`` does, reaping a dead run
+    first; records the user message. ``NotFound``, ``RunActive`` as the broker raises."""
+    if await store.get(conversation_id) is None:
+        raise NotFound(conversation_id)
+    run_id = new_id()
+    user = UserMessage(id=new_id(), content=content)
+    body = protocol.encode(
+        RunStarted(
+            thread_id=conversation_id,
+            run_id=run_id,
+            input=RunAgentInput(thread_id=conversation_id, run_id=run_id, messages=[user]),
+        )
+    )
+    try:
+        lease = await broker.start_run(conversation_id, run_id, body, ttl_ms)
+    except RunActive:
+        active = await broker.active_run(conversation_id)
+        if active is None or active.lease_alive:
+            raise
+        await reap(conversation_id)
+        lease = await broker.start_run(conversation_id, run_id, body, ttl_ms)
+    await store.append_messages(
+        conversation_id, [SnapshotMessage(id=user.id, role="user", content=content)]
+    )
+    return lease
+
+
+@dataclass
+class RunEnd:
+    """How a run ends, as its producer tells it."""
+
+    outcome: Outcome
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    model: str = ""
+    error_code: ErrorCode = "internal"
+    error_message: str = "the run failed"
+    messages: list[SnapshotMessage] = field(default_factory=list)  # the run's history
+
+
+async def finish_external_run(
+    broker: Broker, store: Store, lease: RunLease, end: RunEnd, closing: Sequence[Event]
+) -> int:
+    """Record history, usage and cost, then append ``closing`` and the last event with
+    the snapshot and release the lease, as the runner's ``_end`` does; the last seq."""
+    conversation_id = lease.conversation_id
+    await store.append_messages(conversation_id, end.messages)
+    await store.add_usage(conversation_id, end.usage)
+    total = await store.add_cost(conversation_id, end.cost_usd)
+    ending: Event
+    if end.outcome == "error":
+        ending = RunError(message=end.error_message, code=end.error_code)
+    else:
+        usage = end.usage
+        ending = RunFinished(
+            thread_id=conversation_id,
+            run_id=lease.run_id,
+            outcome=RunOutcome(type=end.outcome),
+            usage=[
+                TokenUsage(
+                    model=end.model or None,
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    reasoning_tokens=usage.reasoning_tokens,
+                    total_tokens=usage.input_tokens + usage.output_tokens,
+                )
+            ],
+            metadata=RunFinishedMeta(cost_usd=end.cost_usd, total_cost_usd=total),
+        )
+    history = await store.messages(conversation_id)
+    snapshot = protocol.encode(MessagesSnapshot(messages=history))
+    bodies = [protocol.encode(event) for event in (*closing, ending)]
+    return await broker.finish_run(lease, bodies, snapshot)
+
+
+# ---- the transports (called from the publisher's thread only) -------------------------
+
+
+class PublishError(Exception):
+    """A transport call failed; ``message`` is safe to log (no token, no password)."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.message, self.transient = message, transient
+
+
+class Transport(abc.ABC):
+    """Where a publisher's runs go. Blocking; one thread calls it."""
+
+    lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+
+    @abc.abstractmethod
+    def start_run(self, content: str) -> str:
+        """Start a run (RUN_STARTED is in the log); its run id."""
+
+    @abc.abstractmethod
+    def append(self, bodies: list[bytes]) -> bool:
+        """Append events of the run; whether a cancel was requested (when known)."""
+
+    @abc.abstractmethod
+    def renew(self) -> bool:
+        """Keep the lease alive; whether a cancel was requested."""
+
+    @abc.abstractmethod
+    def finish(self, end: RunEnd, closing: list[Event]) -> None:
+        """Close what is open and end the run."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the transport's connections."""
+
+
+class RedisTransport(Transport):
+    """Straight into the servers' Redis, with the broker and store the servers use."""
+
+    def __init__(self, redis_url: str, conversation_id: str, lease_ttl_ms: int) -> None:
+        from .broker_redis import RedisBroker  # only this transport needs redis
+
+        self.lease_ttl_ms = lease_ttl_ms
+        self._conversation_id = conversation_id
+        self._loop = asyncio.new_event_loop()  # this thread's own: the broker's calls run here
+        self._broker = RedisBroker(redis_url)
+        self._store = Store(self._broker)
+        self._lease: RunLease | None = None
+
+    def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        async def call() -> T:
+            return await make()
+
+        try:
+            return self._loop.run_until_complete(call())
+        except StorageUnavailable as error:  # its message is scrubbed of the password
+            raise PublishError(str(error), transient=True) from None
+        except LeaseLost:
+            raise PublishError("the run's lease expired or was taken over", False) from None
+        except NotFound:
+            raise PublishError("no such conversation in this Redis", False) from None
+        except RunActive:
+            raise PublishError("the conversation already has an active run", False) from None
+
+    def _reap(self, conversation_id: str) -> Awaitable[None]:
+        from .config import Settings
+        from .metrics import Metrics
+        from .runner import Runs
+
+        settings = Settings(lease_ttl_ms=self.lease_ttl_ms)
+        return Runs(settings, self._broker, self._store, Metrics()).reap(conversation_id)
+
+    def start_run(self, content: str) -> str:
+        self._lease = self._call(
+            lambda: start_external_run(
+                self._broker,
+                self._store,
+                self._conversation_id,
+                content,
+                self.lease_ttl_ms,
+                self._reap,
+            )
+        )
+        return self._lease.run_id
+
+    def _current(self) -> RunLease:
+        if self._lease is None:
+            raise PublishError("no run", transient=False)
+        return self._lease
+
+    def append(self, bodies: list[bytes]) -> bool:
+        lease = self._current()
+        self._call(lambda: self._broker.append(lease, bodies))
+        return False
+
+    def renew(self) -> bool:
+        lease = self._current()
+        return self._call(lambda: self._broker.renew_lease(lease, self.lease_ttl_ms))
+
+    def finish(self, end: RunEnd, closing: list[Event]) -> None:
+        lease = self._current()
+        self._lease = None
+        self._call(lambda: finish_external_run(self._broker, self._store, lease, end, closing))
+
+    def close(self) -> None:
+        try:
+            self._loop.run_until_complete(self._broker.close())
+        finally:
+            self._loop.close()
+
+
+def _request_batches(bodies: list[bytes]) -> list[list[bytes]]:
+    """Encoded events in groups of at most ``_MAX_REQUEST_BYTES``; ``[[]]`` for none."""
+    batches: list[list[bytes]] = [[]]
+    size = 2
+    for body in bodies:
+        if batches[-1] and size + len(body) + 1 > _MAX_REQUEST_BYTES:
+            batches.append([])
+            size = 2
+        batches[-1].append(body)
+        size += len(body) + 1
+    return batches
+
+
+class HTTPTransport(Transport):
+    """Through a server's ingest endpoints with the conversation's write token."""
+
+    def __init__(self, url: str, token: str, timeout_s: float) -> None:
+        parts = urlsplit(url)
+        prefix, _, conversation_id = parts.path.rstrip("/").rpartition("/")
+        for known in ("/c", "/api/conversations"):
+            if prefix.endswith(known):
+                prefix = prefix[: -len(known)]
+                break
+        else:
+            raise ValueError("url must look like http://host:port/c/<conversation id>")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be an http:// or https:// URL")
+        if not CONVERSATION_ID.match(conversation_id):
+            raise ValueError("url does not end in a conversation id")
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname, parts.port
+        self._base = f"{prefix}/api/conversations/{conversation_id}"
+        self.where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{self._base}"
+        self._token = token
+        self._timeout_s = timeout_s
+        self._connection: http.client.HTTPConnection | None = None
+        self._run_path = ""
+
+    def _request(self, path: str, body: bytes) -> Any:
+        """POST ``body``; the answer's JSON. Errors name the status, never the token."""
+        if self._connection is None:
+            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._connection = kind(self._host, self._port, timeout=self._timeout_s)
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {self._token}",
+        }
+        try:
+            self._connection.request("POST", self._base + path, body, headers)
+            answer = self._connection.getresponse()
+            status, payload = answer.status, answer.read()
+        except (OSError, http.client.HTTPException) as error:
+            self._connection.close()
+            self._connection = None
+            raise PublishError(
+                f"{self.where} did not answer ({type(error).__name__})", transient=True
+            ) from None
+        try:
+            parsed = json.loads(payload) if payload else {}
+        except ValueError:
+            parsed = {}
+        if status < 300:
+            return parsed
+        detail = parsed.get("error", {}) if isinstance(parsed, dict) else {}
+        code = detail.get("code", "") if isinstance(detail, dict) else ""
+        message = detail.get("message", "") if isinstance(detail, dict) else ""
+        hint = " (is the token the conversation's write token?)" if status in (401, 403) else ""
+        raise PublishError(
+            f"{self.where}{path} answered HTTP {status} {code}: {message}{hint}",
+            transient=status >= 500 or status == 429,
+        )
+
+    def start_run(self, content: str) -> str:
+        answer = self._request("/runs", json.dumps({"input": content}).encode())
+        run_id = str(answer["runId"])
+        self.lease_ttl_ms = int(answer.get("leaseTtlMs", DEFAULT_LEASE_TTL_MS))
+        self._run_path = f"/runs/{run_id}"
+        return run_id
+
+    def append(self, bodies: list[bytes]) -> bool:
+        cancel = False
+        for batch in _request_batches(bodies):
+            answer = self._request(f"{self._run_path}/events", b"[" + b",".join(batch) + b"]")
+            cancel = cancel or bool(answer.get("cancelRequested"))
+        return cancel
+
+    def renew(self) -> bool:
+        return self.append([])
+
+    def finish(self, end: RunEnd, closing: list[Event]) -> None:
+        if closing:
+            self.append([protocol.encode(event) for event in closing])
+        body: dict[str, Any] = {
+            "outcome": end.outcome,
+            "usage": msgspec.to_builtins(end.usage),
+            "costUsd": end.cost_usd,
+            "messages": msgspec.to_builtins(end.messages),
+        }
+        if end.model:
+            body["model"] = end.model
+        if end.outcome == "error":
+            body["error"] = {"code": end.error_code, "message": end.error_message}
+        self._request(f"{self._run_path}/finish", json.dumps(body).encode())
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
