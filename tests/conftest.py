@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.support.llm_server",
     "tests.support.servers",
     "tests.support.redis_cluster",
+    "tests.support.browser",
 ]

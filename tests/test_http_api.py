@@ -242,3 +242,12 @@ def test_page_is_served_at_root_and_share_links(server: ServerProcess) -> None:
         status, html = http("GET", f"{server.url}{path}")
         assert status == 200 and "<html" in html.lower()
     assert http("GET", f"{server.url}/assets/app.js")[0] == 200
+
+
+def test_page_forbids_foreign_scripts_and_framing(server: ServerProcess) -> None:
+    """The page is served with a Content-Security-Policy: own scripts only, no framing."""
+    with urllib.request.urlopen(f"{server.url}/c/some-id", timeout=10) as answer:
+        policy = answer.headers["Content-Security-Policy"]
+        assert answer.headers["Referrer-Policy"] == "no-referrer"
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy

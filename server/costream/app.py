@@ -93,13 +93,21 @@ def bearer_token(request: Request) -> str | None:
 async def read_json_body(request: Request, limit: int) -> Any:
     """The JSON body, at most ``limit`` bytes (413), parsed (400)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, "too_large", f"body larger than {limit} bytes")
+    too_large = HTTPError(413, "too_large", f"body larger than {limit} bytes")
+    if declared and declared.isdigit() and int(declared) > 4 * limit:
+        raise too_large  # not worth reading: the connection is dropped after the answer
     body = bytearray()
+    received = 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPError(413, "too_large", f"body larger than {limit} bytes")
+        received += len(chunk)
+        if received > 4 * limit:
+            raise too_large
+        if received <= limit:
+            body += chunk
+    # A body a little over the limit is read to its end before the 413, so that the
+    # client, still sending, gets the answer instead of a broken pipe.
+    if received > limit:
+        raise too_large
     if not body:
         return {}
     try:
@@ -325,8 +333,22 @@ async def metrics(request: Request) -> Response:
     return Response(text, media_type="text/plain; version=0.0.4")
 
 
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    # Model output is untrusted: the page renders it sanitized, and this policy stops any
+    # script that slipped through from running or sending data elsewhere.
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",  # share links carry tokens (in the fragment, still)
+    "X-Content-Type-Options": "nosniff",
+}
+
+
 async def page(request: Request) -> Response:
-    return FileResponse(web_dir() / "index.html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(web_dir() / "index.html", headers=PAGE_HEADERS)
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -356,6 +378,16 @@ async def _maintain(services: Services) -> None:
                 log.warning("storage unavailable; will retry")
             except Exception:
                 log.exception("maintenance of a conversation failed")
+
+
+async def _warm_up(settings: Settings) -> None:
+    """Load LiteLLM in the background at start, so the first message streams at once."""
+    from . import llm
+
+    try:
+        await llm.warm_up(settings)
+    except Exception:
+        log.warning("warming up LiteLLM failed; the first run will load it", exc_info=True)
 
 
 def _warn_about_exposure(settings: Settings) -> None:
@@ -397,10 +429,12 @@ def create_app(settings: Settings) -> Starlette:
             log.info("LLM model: %s", settings.model)
         _warn_about_exposure(settings)
         maintenance = asyncio.create_task(_maintain(services))
+        warm_up = asyncio.create_task(_warm_up(settings))
         try:
             yield
         finally:
             maintenance.cancel()
+            warm_up.cancel()
             for session in services.sessions.all():
                 await session.close_going_away()
             await services.runs.shutdown(settings.shutdown_grace_s)

@@ -283,3 +283,19 @@ def cost_usd(model: str, usage: Usage) -> float:
         return float(prompt) + float(completion)
     except Exception:  # unknown model: LiteLLM raises; a price is never worth a failed run
         return 0.0
+
+
+async def warm_up(settings: Settings) -> None:
+    """Import LiteLLM and make one tiny call to the demo model, at server start.
+
+    LiteLLM's first call in a process spends seconds on imports (a few hundred ms of it
+    on the event loop, which a thread cannot take); paid here, the first user message
+    streams at once. The demo call is local, costs nothing and never reaches a provider.
+    """
+    litellm = await load_litellm()
+    _register_demo(settings.demo_delay_ms)
+    stream = await litellm.acompletion(
+        model=DEMO_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    async for _ in stream:
+        pass
