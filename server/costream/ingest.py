@@ -33,7 +33,8 @@ from .app import HTTPError, Services, api, authorize, read_json_body
 from .broker import ActiveRun, RunLease
 from .errors import LeaseLost, NotFound, RunActive
 from .protocol import ErrorCode, Event, SnapshotMessage, Usage
-from .publisher_transports import RunEnd, finish_external_run, start_external_run
+from .publisher_transports import RunEnd, finish_external_run
+from .runner import open_run
 
 _FENCES: Final = "ingest_fences"  # store map: run id -> the fence it started with
 _REFUSED: Final = (
@@ -97,7 +98,7 @@ async def start_run(request: Request) -> Response:
     if not isinstance(content, str) or not content.strip():
         raise _bad_request('body must be {"input": "<the user\'s message>"}')
     try:
-        lease = await start_external_run(
+        lease = await open_run(
             services.broker,
             services.store,
             conversation.id,

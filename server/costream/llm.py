@@ -243,33 +243,6 @@ def to_llm_messages(system: str, history: Sequence[SnapshotMessage]) -> list[LLM
     return messages
 
 
-def finish_reason_of(chunk: object) -> str | None:
-    """The finish reason a streamed chunk carries, if any."""
-    for choice in getattr(chunk, "choices", None) or ():
-        reason = getattr(choice, "finish_reason", None)
-        if isinstance(reason, str) and reason:
-            return reason
-    return None
-
-
-def usage_of(chunk: object) -> Usage | None:
-    """The token usage a streamed chunk carries (the last one, with ``include_usage``)."""
-    usage = getattr(chunk, "usage", None)
-    if usage is None:
-        return None
-    details = getattr(usage, "completion_tokens_details", None)
-    reasoning = getattr(details, "reasoning_tokens", None) if details is not None else None
-
-    def count(value: object) -> int:
-        return value if isinstance(value, int) else 0
-
-    return Usage(
-        input_tokens=count(getattr(usage, "prompt_tokens", 0)),
-        output_tokens=count(getattr(usage, "completion_tokens", 0)),
-        reasoning_tokens=count(reasoning),
-    )
-
-
 def cost_usd(model: str, usage: Usage) -> float:
     """What LiteLLM's price table says a step cost; 0 for a model it does not know."""
     if not (usage.input_tokens or usage.output_tokens):

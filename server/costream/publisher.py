@@ -75,7 +75,15 @@ from .publisher_transports import (
     RunEnd,
     Transport,
 )
-from .segments import StepSegments, new_id
+from .segments import (
+    StepSegments,
+    as_usage,
+    chunk_field,
+    chunk_text,
+    finish_reason_of,
+    new_id,
+    usage_of,
+)
 from .store import CONVERSATION_ID
 
 log = logging.getLogger("costream.publisher")
@@ -90,72 +98,23 @@ _MAX_ERROR_CHARS: Final = 500
 # ---- reading chunks ------------------------------------------------------------------------
 
 
-def _get(obj: object, name: str) -> object:
-    if isinstance(obj, dict):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def _text(obj: object, name: str) -> str:
-    value = _get(obj, name)
-    return value if isinstance(value, str) else ""
-
-
-def _count(obj: object, *names: str) -> int:
-    for name in names:
-        value = _get(obj, name)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def _choices(chunk: object) -> list[object]:
-    choices = _get(chunk, "choices")
+    choices = chunk_field(chunk, "choices")
     return choices if isinstance(choices, list) else []
 
 
 def _has_output(chunk: object) -> bool:
     """Whether a chunk carries any reasoning, text or tool-call delta."""
     for choice in _choices(chunk):
-        delta = _get(choice, "delta")
+        delta = chunk_field(choice, "delta")
         if delta is None:
             continue
         for name in ("reasoning_content", "reasoning", "content"):
-            if _text(delta, name):
+            if chunk_text(delta, name):
                 return True
-        if _get(delta, "tool_calls") or _get(delta, "thinking_blocks"):
+        if chunk_field(delta, "tool_calls") or chunk_field(delta, "thinking_blocks"):
             return True
     return False
-
-
-def _finish_reason(chunk: object) -> str | None:
-    for choice in _choices(chunk):
-        reason = _text(choice, "finish_reason")
-        if reason:
-            return reason
-    return None
-
-
-def as_usage(value: object) -> Usage:
-    """Token counts from a costream ``Usage``, a LiteLLM or OpenHands usage, or a dict."""
-    if isinstance(value, Usage):
-        return value
-    details = _get(value, "completion_tokens_details")
-    return Usage(
-        input_tokens=_count(value, "prompt_tokens", "input_tokens", "inputTokens"),
-        output_tokens=_count(value, "completion_tokens", "output_tokens", "outputTokens"),
-        reasoning_tokens=_count(value, "reasoning_tokens", "reasoningTokens")
-        or (_count(details, "reasoning_tokens") if details is not None else 0),
-    )
-
-
-def _usage_of(chunk: object) -> Usage | None:
-    """The usage of the stream's usage chunk; None for chunks without (or with zeros)."""
-    value = _get(chunk, "usage")
-    if value is None:
-        return None
-    usage = as_usage(value)
-    return usage if usage.input_tokens or usage.output_tokens else None
 
 
 def _step_cost(model: str, usage: Usage) -> float:
@@ -466,7 +425,7 @@ class TokenPublisher:
     def _chunk_events(self, chunk: object) -> list[Event]:
         events: list[Event] = []
         output = _has_output(chunk)
-        response_id = _text(chunk, "id")
+        response_id = chunk_text(chunk, "id")
         step = self._step
         if step is not None and output:
             new_response = bool(
@@ -477,19 +436,19 @@ class TokenPublisher:
                 step = None
         if step is None:
             if not output:
-                late = _usage_of(chunk)  # a usage chunk after its step was settled
+                late = usage_of(chunk)  # a usage chunk after its step was settled
                 if late is not None:
                     self._run_usage += late
                     self._run_cost += _step_cost(self._last_model, late)
                 return events
-            step = self._begin_step(_text(chunk, "model"), response_id, events)
+            step = self._begin_step(chunk_text(chunk, "model"), response_id, events)
         events += step.segments.feed(chunk)
         step.response_id = step.response_id or response_id
-        reason = _finish_reason(chunk)
+        reason = finish_reason_of(chunk)
         if reason and step.finish_reason is None:
             step.finish_reason, step.finished_at = reason, time.monotonic()
             events += step.segments.close()
-        usage = _usage_of(chunk)
+        usage = usage_of(chunk)
         if usage is not None:
             step.usage = usage
         if step.finish_reason is not None and step.usage is not None:

@@ -7,7 +7,7 @@
 
 Both are blocking and called from the publisher's thread only. A failed call raises
 :class:`PublishError`, whose message is safe to log (no token, no password).
-:func:`start_external_run` and :func:`finish_external_run` start and end a run in storage
+:func:`runner.open_run` and :func:`finish_external_run` start and end a run in storage
 as the runner does; the Redis transport and ``ingest.py`` share them.
 
 Neither Starlette nor LiteLLM is imported here, and the Redis broker only by the Redis
@@ -34,18 +34,15 @@ from .protocol import (
     ErrorCode,
     Event,
     MessagesSnapshot,
-    RunAgentInput,
     RunError,
     RunFinished,
     RunFinishedMeta,
     RunOutcome,
-    RunStarted,
     SnapshotMessage,
     TokenUsage,
     Usage,
-    UserMessage,
 )
-from .segments import new_id
+from .runner import open_run
 from .store import CONVERSATION_ID, Store
 
 T = TypeVar("T")
@@ -57,41 +54,6 @@ _MAX_REQUEST_BYTES: Final = 512 * 1024  # one HTTP request; the server takes up 
 
 
 # ---- runs in storage (the Redis transport here, the HTTP ingest in ingest.py) ------------
-
-
-async def start_external_run(
-    broker: Broker,
-    store: Store,
-    conversation_id: str,
-    content: str,
-    ttl_ms: int,
-    reap: Callable[[str], Awaitable[None]],
-) -> RunLease:
-    """Take the lease and append RUN_STARTED, as ``Runs.start`` does, reaping a dead run
-    first; records the user message. ``NotFound``, ``RunActive`` as the broker raises."""
-    if await store.get(conversation_id) is None:
-        raise NotFound(conversation_id)
-    run_id = new_id()
-    user = UserMessage(id=new_id(), content=content)
-    body = protocol.encode(
-        RunStarted(
-            thread_id=conversation_id,
-            run_id=run_id,
-            input=RunAgentInput(thread_id=conversation_id, run_id=run_id, messages=[user]),
-        )
-    )
-    try:
-        lease = await broker.start_run(conversation_id, run_id, body, ttl_ms)
-    except RunActive:
-        active = await broker.active_run(conversation_id)
-        if active is None or active.lease_alive:
-            raise
-        await reap(conversation_id)
-        lease = await broker.start_run(conversation_id, run_id, body, ttl_ms)
-    await store.append_messages(
-        conversation_id, [SnapshotMessage(id=user.id, role="user", content=content)]
-    )
-    return lease
 
 
 @dataclass
@@ -217,7 +179,7 @@ class RedisTransport(Transport):
 
     def start_run(self, content: str) -> str:
         self._lease = self._call(
-            lambda: start_external_run(
+            lambda: open_run(
                 self._broker,
                 self._store,
                 self._conversation_id,

@@ -45,11 +45,9 @@ from .llm import (
     classify,
     completion_options,
     cost_usd,
-    finish_reason_of,
     load_litellm,
     provider_phrase,
     to_llm_messages,
-    usage_of,
 )
 from .metrics import Metrics
 from .protocol import (
@@ -77,7 +75,14 @@ from .protocol import (
     Usage,
     UserMessage,
 )
-from .segments import DeltaMerger, StepOutput, StepSegments, new_id
+from .segments import (
+    DeltaMerger,
+    StepOutput,
+    StepSegments,
+    finish_reason_of,
+    new_id,
+    usage_of,
+)
 from .store import Store
 from .tools import Workspace
 
@@ -518,6 +523,42 @@ async def _quietly(close: Callable[[], Awaitable[object]], skip: bool) -> None:
 # ---- the runs of a process ------------------------------------------------------------
 
 
+async def open_run(
+    broker: Broker,
+    store: Store,
+    conversation_id: str,
+    content: str,
+    ttl_ms: int,
+    reap: Callable[[str], Awaitable[None]],
+) -> RunLease:
+    """Take the run lease and append RUN_STARTED in one step, and record the user message:
+    how every run starts, built-in or published. A run whose lease expired is reaped
+    (``reap``) first. ``NotFound``; ``RunActive`` while a live run holds the lease."""
+    if await store.get(conversation_id) is None:
+        raise NotFound(conversation_id)
+    run_id = new_id()
+    user = UserMessage(id=new_id(), content=content)
+    body = protocol.encode(
+        RunStarted(
+            thread_id=conversation_id,
+            run_id=run_id,
+            input=RunAgentInput(thread_id=conversation_id, run_id=run_id, messages=[user]),
+        )
+    )
+    try:
+        lease = await broker.start_run(conversation_id, run_id, body, ttl_ms)
+    except RunActive:
+        active = await broker.active_run(conversation_id)
+        if active is None or active.lease_alive:
+            raise
+        await reap(conversation_id)
+        lease = await broker.start_run(conversation_id, run_id, body, ttl_ms)
+    await store.append_messages(
+        conversation_id, [SnapshotMessage(id=user.id, role="user", content=content)]
+    )
+    return lease
+
+
 class Runs:
     """Starts, cancels and ends runs; reaps runs whose process died."""
 
@@ -541,35 +582,27 @@ class Runs:
         conversation = await self.store.get(conversation_id)
         if conversation is None:
             raise NotFound(conversation_id)
-        run_id = new_id()
-        user = UserMessage(id=new_id(), content=content)
-        body = protocol.encode(
-            RunStarted(
-                thread_id=conversation_id,
-                run_id=run_id,
-                input=RunAgentInput(thread_id=conversation_id, run_id=run_id, messages=[user]),
-            )
+        lease = await open_run(
+            self.broker,
+            self.store,
+            conversation_id,
+            content,
+            self.settings.lease_ttl_ms,
+            self._reap_unless_local,
         )
-        ttl = self.settings.lease_ttl_ms
-        try:
-            lease = await self.broker.start_run(conversation_id, run_id, body, ttl)
-        except RunActive:
-            active = await self.broker.active_run(conversation_id)
-            if active is None or active.lease_alive or conversation_id in self._local:
-                raise
-            await self.reap(conversation_id)
-            lease = await self.broker.start_run(conversation_id, run_id, body, ttl)
         self.metrics.runs_started.inc()
         self.metrics.events_appended.inc()
-        await self.store.append_messages(
-            conversation_id, [SnapshotMessage(id=user.id, role="user", content=content)]
-        )
         model = conversation.model
         run = _Run(self, lease, model, conversation.system, provider_phrase(model))
-        run.task = asyncio.create_task(run.main(), name=f"run-{run_id}")
+        run.task = asyncio.create_task(run.main(), name=f"run-{lease.run_id}")
         self._local[conversation_id] = run
         run.task.add_done_callback(lambda _: self._forget(run))
-        return run_id
+        return lease.run_id
+
+    async def _reap_unless_local(self, conversation_id: str) -> None:
+        if conversation_id in self._local:
+            raise RunActive(conversation_id)  # ours, only slow to renew: not dead
+        await self.reap(conversation_id)
 
     def _forget(self, run: _Run) -> None:
         if self._local.get(run.conversation_id) is run:

@@ -32,6 +32,7 @@ from .protocol import (
     ToolCallArgs,
     ToolCallEnd,
     ToolCallStart,
+    Usage,
 )
 
 
@@ -40,15 +41,57 @@ def new_id() -> str:
     return secrets.token_urlsafe(16)
 
 
-def _get(obj: object, name: str) -> object:
+def chunk_field(obj: object, name: str) -> object:
+    """A field of a chunk or of a part of one: attribute (LiteLLM) or key (plain dict)."""
     if isinstance(obj, dict):
         return obj.get(name)
     return getattr(obj, name, None)
 
 
-def _text(obj: object, name: str) -> str:
-    value = _get(obj, name)
+def chunk_text(obj: object, name: str) -> str:
+    """A string field, or "" when it is missing, None or not a string."""
+    value = chunk_field(obj, name)
     return value if isinstance(value, str) else ""
+
+
+def _count(obj: object, *names: str) -> int:
+    for name in names:
+        value = chunk_field(obj, name)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def finish_reason_of(chunk: object) -> str | None:
+    """The finish reason a streamed chunk carries, if any."""
+    choices = chunk_field(chunk, "choices")
+    for choice in choices if isinstance(choices, list) else ():
+        reason = chunk_text(choice, "finish_reason")
+        if reason:
+            return reason
+    return None
+
+
+def as_usage(value: object) -> Usage:
+    """Token counts from a costream ``Usage``, a LiteLLM or OpenHands usage, or a dict."""
+    if isinstance(value, Usage):
+        return value
+    details = chunk_field(value, "completion_tokens_details")
+    return Usage(
+        input_tokens=_count(value, "prompt_tokens", "input_tokens", "inputTokens"),
+        output_tokens=_count(value, "completion_tokens", "output_tokens", "outputTokens"),
+        reasoning_tokens=_count(value, "reasoning_tokens", "reasoningTokens")
+        or (_count(details, "reasoning_tokens") if details is not None else 0),
+    )
+
+
+def usage_of(chunk: object) -> Usage | None:
+    """The usage of the stream's usage chunk; None for chunks without (or with zeros)."""
+    value = chunk_field(chunk, "usage")
+    if value is None:
+        return None
+    usage = as_usage(value)
+    return usage if usage.input_tokens or usage.output_tokens else None
 
 
 @dataclass
@@ -90,16 +133,18 @@ class StepSegments:
     def feed(self, chunk: object) -> list[Event]:
         """Events for one chunk, in order; [] for empty and usage-only chunks."""
         events: list[Event] = []
-        choices = _get(chunk, "choices")
+        choices = chunk_field(chunk, "choices")
         if not isinstance(choices, list):
             return events
         for choice in choices:
-            delta = _get(choice, "delta")
+            delta = chunk_field(choice, "delta")
             if delta is None:
                 continue
             # Some providers (OpenRouter, vLLM) name the field ``reasoning``.
-            reasoning = _text(delta, "reasoning_content") or _text(delta, "reasoning")
-            reasoning = self._without_signed_repeat(reasoning, _get(delta, "thinking_blocks"))
+            reasoning = chunk_text(delta, "reasoning_content") or chunk_text(delta, "reasoning")
+            reasoning = self._without_signed_repeat(
+                reasoning, chunk_field(delta, "thinking_blocks")
+            )
             if reasoning:
                 self._seen_reasoning_content = True
             else:
@@ -109,10 +154,10 @@ class StepSegments:
                 reasoning = self._thinking_without_reasoning_content(delta)
             if reasoning:
                 events += self._reasoning_delta(reasoning)
-            content = _text(delta, "content")
+            content = chunk_text(delta, "content")
             if content:
                 events += self._text_delta(content)
-            tool_calls = _get(delta, "tool_calls")
+            tool_calls = chunk_field(delta, "tool_calls")
             if isinstance(tool_calls, list):
                 for fragment in tool_calls:
                     events += self._tool_fragment(fragment)
@@ -149,9 +194,9 @@ class StepSegments:
         Anthropic's closing ``signature`` chunk, in some LiteLLM versions and through
         some gateways, repeats the whole thinking block's text beside the signature.
         """
-        text = _text(block, "thinking")
+        text = chunk_text(block, "thinking")
         return (
-            bool(_get(block, "signature"))
+            bool(chunk_field(block, "signature"))
             and bool(text)
             and (self._reasoning_so_far().endswith(text))
         )
@@ -164,11 +209,11 @@ class StepSegments:
         return reasoning
 
     def _thinking_without_reasoning_content(self, delta: object) -> str:
-        blocks = _get(delta, "thinking_blocks")
+        blocks = chunk_field(delta, "thinking_blocks")
         if self._seen_reasoning_content or not isinstance(blocks, list):
             return ""
         return "".join(
-            _text(block, "thinking")
+            chunk_text(block, "thinking")
             for block in blocks
             if not self._repeats_streamed_thinking(block)
         )
@@ -217,12 +262,12 @@ class StepSegments:
 
     # ---- tool calls ------------------------------------------------------------------
     def _tool_fragment(self, fragment: object) -> list[Event]:
-        index = _get(fragment, "index")
+        index = chunk_field(fragment, "index")
         index = index if isinstance(index, int) else None
-        call_id = _text(fragment, "id")
-        function = _get(fragment, "function")
-        name = _text(function, "name") if function is not None else ""
-        arguments = _text(function, "arguments") if function is not None else ""
+        call_id = chunk_text(fragment, "id")
+        function = chunk_field(fragment, "function")
+        name = chunk_text(function, "name") if function is not None else ""
+        arguments = chunk_text(function, "arguments") if function is not None else ""
         if not (call_id or name or arguments):
             return []
         events: list[Event] = []
