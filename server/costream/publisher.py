@@ -19,14 +19,15 @@ the same :class:`~costream.segments.StepSegments`: ``RUN_STARTED``, per step
   are dropped (counted in ``dropped``) and it ends in ``RUN_ERROR`` with its segments closed.
 - Steps: a chunk with output after a ``finish_reason``, a new response id, or
   :meth:`TokenPublisher.step` starts the next step. ``STEP_FINISHED`` waits for the
-  stream's usage chunk (``stream_options={"include_usage": True}``) for at most
-  ``_USAGE_GRACE_S`` after the finish reason.
+  stream's usage chunk (``stream_options={"include_usage": True}``) for at most a second
+  after the finish reason.
 
-Here: the publisher and its reading of chunks. ``publisher_queue.py`` holds the bounded
-queue between callers and the thread, ``publisher_transports.py`` the two transports and
-the runs in storage they share with ``ingest.py``. Neither Starlette nor LiteLLM is
-imported by any of them; chunks are read by attribute like ``segments`` does, and the
-Redis broker is imported only by the Redis transport.
+Here: the publisher, its runs, its lock and its thread. ``publisher_steps.py`` turns a
+run's chunks into events and knows what closes a run cut short, ``publisher_queue.py``
+holds the bounded queue between callers and the thread, ``publisher_transports.py`` the
+two transports and the runs in storage they share with ``ingest.py``. Neither Starlette nor LiteLLM is imported
+by any of them; chunks are read by attribute like ``segments`` does, and the Redis broker
+is imported only by the Redis transport.
 """
 
 from __future__ import annotations
@@ -34,37 +35,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from . import protocol
 from .protocol import (
-    ErrorCode,
     Event,
     LoggedEvent,
-    ReasoningEnd,
-    ReasoningMessageEnd,
-    ReasoningMessageStart,
-    SnapshotMessage,
-    StepFinished,
-    StepFinishedMeta,
-    StepStarted,
-    StepStartedMeta,
-    TextMessageEnd,
-    TextMessageStart,
-    ToolCallEnd,
-    ToolCallResult,
-    ToolCallStart,
-    ToolResultMeta,
-    Usage,
 )
 from .publisher_queue import Abandon, Barrier, Close, EventQueue, Finish, Item, Start
+from .publisher_steps import OpenSegments, StepReader
 from .publisher_transports import (
     DEFAULT_LEASE_TTL_MS,
     REDIS_SCHEMES,
@@ -75,91 +59,17 @@ from .publisher_transports import (
     RunEnd,
     Transport,
 )
-from .segments import (
-    StepSegments,
-    as_usage,
-    chunk_field,
-    chunk_text,
-    finish_reason_of,
-    new_id,
-    usage_of,
-)
+from .segments import as_usage as as_usage  # public: usage in the form RUN_FINISHED takes
 from .store import CONVERSATION_ID
 
 log = logging.getLogger("costream.publisher")
 
 T = TypeVar("T")
 
-_USAGE_GRACE_S: Final = 1.0  # STEP_FINISHED waits this long for the usage chunk
 _RETRY_S: Final = (0.1, 0.3, 1.0)  # transient failures, as the runner retries appends
-_MAX_ERROR_CHARS: Final = 500
-
-
-# ---- reading chunks ------------------------------------------------------------------------
-
-
-def _choices(chunk: object) -> list[object]:
-    choices = chunk_field(chunk, "choices")
-    return choices if isinstance(choices, list) else []
-
-
-def _has_output(chunk: object) -> bool:
-    """Whether a chunk carries any reasoning, text or tool-call delta."""
-    for choice in _choices(chunk):
-        delta = chunk_field(choice, "delta")
-        if delta is None:
-            continue
-        for name in ("reasoning_content", "reasoning", "content"):
-            if chunk_text(delta, name):
-                return True
-        if chunk_field(delta, "tool_calls") or chunk_field(delta, "thinking_blocks"):
-            return True
-    return False
-
-
-def _step_cost(model: str, usage: Usage) -> float:
-    """The runner's price of a step, when LiteLLM is loaded (never imported for this)."""
-    if "litellm" not in sys.modules:
-        return 0.0
-    from .llm import cost_usd
-
-    return cost_usd(model, usage)
-
-
-def _failure_of(error: BaseException | str | None, model: str) -> tuple[ErrorCode, str]:
-    """RUN_ERROR's code and a message safe to show: LiteLLM's errors as the runner words
-    them, anything else by its type only (an exception's text may quote a secret)."""
-    if error is None:
-        return "internal", "the run failed"
-    if isinstance(error, str):
-        return "internal", error[:_MAX_ERROR_CHARS] or "the run failed"
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:  # OpenHands wraps LLM errors
-        seen.add(id(current))
-        if type(current).__module__.startswith("litellm"):
-            from .llm import classify, provider_phrase
-
-            failure = classify(current, provider_phrase(model))
-            return failure.code, failure.message
-        current = current.__cause__ or current.__context__
-    return "internal", f"the agent failed ({type(error).__name__})"
 
 
 # ---- the publisher ---------------------------------------------------------------------
-
-
-@dataclass
-class _OpenStep:
-    """The step whose STEP_STARTED is queued and whose STEP_FINISHED is not."""
-
-    name: str
-    model: str
-    segments: StepSegments
-    response_id: str
-    finish_reason: str | None = None
-    finished_at: float = 0.0  # monotonic time of the finish reason
-    usage: Usage | None = None
 
 
 class _RunScope:
@@ -245,7 +155,6 @@ class TokenPublisher:
         self.dropped = 0  # events or chunks not published
         self.run_id: str | None = None  # the latest run started in the conversation
         self.cancel_requested = False  # someone asked the conversation's run to stop
-        self._model = model or ""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         # ---- the caller's side, under the lock
@@ -253,18 +162,12 @@ class TokenPublisher:
         self._closed = False
         self._in_run = False
         self._warned_outside = False
-        self._step: _OpenStep | None = None
-        self._step_count = 0
-        self._last_model = ""
-        self._run_usage = Usage()
-        self._run_cost = 0.0
-        self._run_messages: list[SnapshotMessage] = []
+        self._steps = StepReader(model or "")
         # ---- the publisher thread's side
         self._transport: Transport | None = None
         self._state: Literal["idle", "live", "broken"] = "idle"
         self._next_renew = 0.0
-        self._open: dict[tuple[str, str], None] = {}  # segments started and not ended
-        self._open_step: str | None = None
+        self._open = OpenSegments()  # what the log holds open, closed if the run is cut short
         self._thread = threading.Thread(
             target=self._work, args=(make,), name="costream-publisher", daemon=True
         )
@@ -279,9 +182,9 @@ class TokenPublisher:
                     self._chunk_outside_run()
                     return
                 if isinstance(chunk, str):
-                    events = self._text_events(chunk)
+                    events = self._steps.text(chunk)
                 else:
-                    events = self._chunk_events(chunk)
+                    events = self._steps.chunk(chunk)
                 self._enqueue(events)
         except Exception:
             self._failed("turning a chunk into events")
@@ -303,8 +206,7 @@ class TokenPublisher:
                     log.warning("costream publisher: start_run ends the run still open first")
                     self._finish("success", None, None, None)
                 self._in_run, self._queue.overflowed = True, False
-                self._step, self._step_count = None, 0
-                self._run_usage, self._run_cost, self._run_messages = Usage(), 0.0, []
+                self._steps.start_run()
                 self._queue.append(Start(content))
                 self._cond.notify()
         except Exception:
@@ -333,7 +235,7 @@ class TokenPublisher:
         try:
             with self._lock:
                 if self._in_run:
-                    self._enqueue(self._end_step())
+                    self._enqueue(self._steps.end_step())
         except Exception:
             self._failed("ending a step")
 
@@ -343,22 +245,7 @@ class TokenPublisher:
             with self._lock:
                 if not self._in_run:
                     return
-                events = self._end_step()
-                message_id = new_id()
-                events.append(
-                    ToolCallResult(
-                        message_id=message_id,
-                        tool_call_id=tool_call_id,
-                        content=content,
-                        metadata=ToolResultMeta(is_error=is_error),
-                    )
-                )
-                self._run_messages.append(
-                    SnapshotMessage(
-                        id=message_id, role="tool", content=content, tool_call_id=tool_call_id
-                    )
-                )
-                self._enqueue(events)
+                self._enqueue(self._steps.tool_result(tool_call_id, content, is_error=is_error))
         except Exception:
             self._failed("publishing a tool result")
 
@@ -412,7 +299,7 @@ class TokenPublisher:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # ---- chunks to events (the caller's thread, under the lock) --------------------------
+    # ---- the caller's side (under the lock) ------------------------------------------------
     def _chunk_outside_run(self) -> None:
         self.dropped += 1
         if not self._warned_outside:
@@ -422,81 +309,6 @@ class TokenPublisher:
                 "wrap the agent's work in `with publisher.run(message):`"
             )
 
-    def _chunk_events(self, chunk: object) -> list[Event]:
-        events: list[Event] = []
-        output = _has_output(chunk)
-        response_id = chunk_text(chunk, "id")
-        step = self._step
-        if step is not None and output:
-            new_response = bool(
-                response_id and step.response_id and response_id != step.response_id
-            )
-            if step.finish_reason is not None or new_response:
-                events += self._end_step()
-                step = None
-        if step is None:
-            if not output:
-                late = usage_of(chunk)  # a usage chunk after its step was settled
-                if late is not None:
-                    self._run_usage += late
-                    self._run_cost += _step_cost(self._last_model, late)
-                return events
-            step = self._begin_step(chunk_text(chunk, "model"), response_id, events)
-        events += step.segments.feed(chunk)
-        step.response_id = step.response_id or response_id
-        reason = finish_reason_of(chunk)
-        if reason and step.finish_reason is None:
-            step.finish_reason, step.finished_at = reason, time.monotonic()
-            events += step.segments.close()
-        usage = usage_of(chunk)
-        if usage is not None:
-            step.usage = usage
-        if step.finish_reason is not None and step.usage is not None:
-            events += self._end_step()
-        return events
-
-    def _text_events(self, text: str) -> list[Event]:
-        events: list[Event] = []
-        if self._step is not None and self._step.finish_reason is not None:
-            events += self._end_step()
-        step = self._step or self._begin_step("", "", events)
-        return events + step.segments.feed_text(text)
-
-    def _begin_step(self, model: str, response_id: str, events: list[Event]) -> _OpenStep:
-        self._step_count += 1
-        model = self._model or model or self._last_model or "unknown"
-        self._last_model = model
-        step = _OpenStep(f"llm-{self._step_count}", model, StepSegments(), response_id)
-        events.append(
-            StepStarted(step_name=step.name, metadata=StepStartedMeta(model=model, attempt=1))
-        )
-        self._step = step
-        return step
-
-    def _end_step(self, reason: str | None = None) -> list[Event]:
-        """Close the open step (``reason``: why it was cut short, None: it completed)."""
-        from .runner import step_messages
-
-        step, self._step = self._step, None
-        if step is None:
-            return []
-        events = step.segments.close()
-        usage = step.usage or Usage()
-        cost = _step_cost(step.model, usage)
-        self._run_usage += usage
-        self._run_cost += cost
-        output = step.segments.output()
-        self._run_messages += step_messages(output, with_tool_calls=reason is None)
-        events.append(
-            StepFinished(
-                step_name=step.name,
-                metadata=StepFinishedMeta(
-                    finish_reason=reason or step.finish_reason or "stop", usage=usage, cost_usd=cost
-                ),
-            )
-        )
-        return events
-
     def _finish(
         self,
         outcome: Outcome,
@@ -504,27 +316,16 @@ class TokenPublisher:
         cost_usd: float | None,
         error: BaseException | str | None,
     ) -> None:
-        self._enqueue(self._end_step(None if outcome == "success" else outcome))
-        model = self._model or self._last_model
-        end = RunEnd(
-            outcome,
-            usage=self._run_usage if usage is None else as_usage(usage),
-            cost_usd=self._run_cost if cost_usd is None else float(cost_usd),
-            model=model,
-            messages=self._run_messages,
-        )
-        if outcome == "error":
-            end.error_code, end.error_message = _failure_of(error, model)
+        self._enqueue(self._steps.end_step(None if outcome == "success" else outcome))
+        end = self._steps.run_end(outcome, usage, cost_usd, error)
         self._in_run = False
         self._queue.append(Finish(end))
         self._cond.notify()
 
     def _settle_step_if_due(self) -> None:
         """Send STEP_FINISHED without usage once the usage chunk is overdue."""
-        step = self._step
-        if step is not None and step.finish_reason is not None:
-            if time.monotonic() - step.finished_at >= _USAGE_GRACE_S:
-                self._enqueue(self._end_step())
+        if self._steps.usage_overdue():
+            self._enqueue(self._steps.end_step())
 
     # ---- the bounded queue (under the lock) ------------------------------------------------
     def _enqueue(self, events: list[Event]) -> None:
@@ -575,8 +376,9 @@ class TokenPublisher:
                 waits = []
                 if self._state == "live":
                     waits.append(self._next_renew - time.monotonic())
-                if self._step is not None and self._step.finish_reason is not None:
-                    waits.append(self._step.finished_at + _USAGE_GRACE_S - time.monotonic())
+                usage_due = self._steps.usage_due_at()
+                if usage_due is not None:
+                    waits.append(usage_due - time.monotonic())
                 timeout = min(waits) if waits else None
                 if timeout is not None and timeout <= 0:
                     break
@@ -620,7 +422,6 @@ class TokenPublisher:
 
     def _start(self, content: str) -> None:
         self._open.clear()
-        self._open_step = None
         self.cancel_requested = False
         ok, run_id = self._attempt("starting a run", lambda t: t.start_run(content))
         if ok and run_id is not None and self._transport is not None:
@@ -647,46 +448,13 @@ class TokenPublisher:
         if cancel:
             self.cancel_requested = True
         for event in events:
-            self._track(event)
-
-    def _track(self, event: Event) -> None:
-        """Remember which segments and step are open in the log, to close them if abandoned."""
-        match event:
-            case ReasoningMessageStart(message_id=i):
-                self._open["reasoning", i] = None
-            case ReasoningEnd(message_id=i):
-                self._open.pop(("reasoning", i), None)
-            case TextMessageStart(message_id=i):
-                self._open["text", i] = None
-            case TextMessageEnd(message_id=i):
-                self._open.pop(("text", i), None)
-            case ToolCallStart(tool_call_id=i):
-                self._open["tool", i] = None
-            case ToolCallEnd(tool_call_id=i):
-                self._open.pop(("tool", i), None)
-            case StepStarted(step_name=name):
-                self._open_step = name
-            case StepFinished():
-                self._open_step = None
-
-    def _closing_events(self) -> list[Event]:
-        events: list[Event] = []
-        for kind, i in self._open:
-            if kind == "reasoning":
-                events += [ReasoningMessageEnd(message_id=i), ReasoningEnd(message_id=i)]
-            elif kind == "text":
-                events.append(TextMessageEnd(message_id=i))
-        events += [ToolCallEnd(tool_call_id=i) for kind, i in self._open if kind == "tool"]
-        if self._open_step is not None:
-            meta = StepFinishedMeta(finish_reason="error")
-            events.append(StepFinished(step_name=self._open_step, metadata=meta))
-        return events
+            self._open.track(event)
 
     def _end(self, end: RunEnd) -> None:
         if self._state != "live":
             self._state = "idle"  # the run never started, or broke: its lease expires
             return
-        closing = self._closing_events()
+        closing = self._open.closing_events()
         self._attempt("ending the run", lambda t: t.finish(end, closing))
         self._state = "idle"
 
