@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.support.servers",
     "tests.support.redis_cluster",
     "tests.support.browser",
+    "tests.support.front",
 ]

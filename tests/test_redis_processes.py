@@ -97,7 +97,12 @@ async def test_redis_stopped_mid_run_gives_clear_outcome(
 ) -> None:  # type: ignore[no-untyped-def]
     """Redis going away: viewers are closed 4000, the API answers 503, nothing hangs."""
     server = start_server(
-        redis_url=redis_url, env={"COSTREAM_DEMO_DELAY_MS": "20", "COSTREAM_HEARTBEAT_S": "0.5"}
+        redis_url=redis_url,
+        env={
+            "COSTREAM_DEMO_DELAY_MS": "20",
+            "COSTREAM_HEARTBEAT_S": "0.5",
+            "COSTREAM_SHUTDOWN_GRACE_S": "1",
+        },
     )
     conv = await create_conversation(server.url)
     viewer = await open_session(server.ws_url(conv["id"]), conv["id"], conv["viewToken"])

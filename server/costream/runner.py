@@ -12,6 +12,13 @@ first, so every ``*_START`` has its ``*_END``.
   ``metadata.attempt`` one more (``CUSTOM step_retry`` first when output was streamed).
 - Cancel: takes effect while the run waits on the LLM or a backoff, or before the next
   tool or step; broker appends are never interrupted, so the log stays well formed.
+- Storage away (Redis restarting, failing over, paused): the run holds what it was about
+  to write (one batch of events; the LLM stream waits unread behind it, so nothing grows)
+  and retries with backoff for up to ``STORAGE_RETRY_S`` (30 s). An append that failed may
+  have run (Redis died mid-script): before trying again the log's head says whether it
+  did, so no event is logged twice. Storage back within the lease's ttl: the run goes on
+  as if nothing happened. Back later: the lease has expired and the run stops; the reaper
+  ends it with ``RUN_ERROR`` ``producer_lost`` (as it does after ``STORAGE_RETRY_S``).
 - ``max_steps``: a model that still calls tools after the last step ends the run with
   ``RUN_FINISHED`` success; its tool results are in the history, so the next message
   continues from there.
@@ -92,7 +99,8 @@ TokenCallback = Callable[[object], None]
 T = TypeVar("T")
 
 _RETRY_AFTER_CAP_S: Final = 10.0  # a longer Retry-After is not "short": give up at once
-_STORAGE_RETRY_S: Final = (0.1, 0.3, 1.0)  # broker appends retried on StorageUnavailable
+STORAGE_RETRY_S: Final = 30.0  # how long a run waits for storage before it gives up
+_STORAGE_BACKOFF_S: Final = (0.05, 1.0)  # first and longest pause between attempts
 _REAP_PAGE: Final = 1000
 StopReason = Literal["cancelled", "shutdown", "lease_lost", "storage"]
 
@@ -161,6 +169,7 @@ class _Run:
         self._waiting = False
         self._interrupting = False
         self._broken = False  # an append was lost: append nothing more, let the lease expire
+        self._head: int | None = None  # seq of this run's last logged event, once known
         self._open_step: _Step | None = None
         self._totals = _Totals()
         self._failed_callbacks: set[int] = set()
@@ -203,28 +212,101 @@ class _Run:
         if self.stop_reason is not None:
             raise _Stopped
 
-    # ---- appending -----------------------------------------------------------------
+    # ---- appending ----------------------------------------------------------------
     async def _append(self, bodies: list[bytes]) -> None:
         """Append to the log. Never raises: a lost lease or storage stops the run instead."""
         if self._broken or not bodies:
             return
-        for delay in (*_STORAGE_RETRY_S, None):
-            try:
-                await self.runs.broker.append(self.lease, bodies)
-                self.runs.metrics.events_appended.inc(len(bodies))
-                return
-            except LeaseLost:
-                log.info("run %s lost its lease; another process ends it", self.run_id)
-                self._broken = True
-                self.request_stop("lease_lost")
-                return
-            except StorageUnavailable:
-                if delay is None:
-                    break
-                await asyncio.sleep(delay)
-        log.warning("storage unavailable: run %s stops; its lease will expire", self.run_id)
+        try:
+            await self._write_log(bodies)
+        except LeaseLost:
+            log.info("run %s lost its lease; another process ends it", self.run_id)
+            self._broken = True
+            self.request_stop("lease_lost")
+            return
+        except StorageUnavailable:
+            self._give_up_on_storage()
+            return
+        self.runs.metrics.events_appended.inc(len(bodies))
+
+    def _give_up_on_storage(self) -> None:
+        log.warning(
+            "storage unavailable for %.0f s: run %s stops; its lease will expire",
+            STORAGE_RETRY_S,
+            self.run_id,
+        )
         self._broken = True
         self.request_stop("storage")
+
+    async def _write_log(
+        self, bodies: list[bytes], *, finish: bool = False, snapshot: bytes | None = None
+    ) -> None:
+        """Append ``bodies`` (``finish``: and end the run, with ``snapshot``) exactly once,
+        retrying while storage is away. Raises ``LeaseLost``, or ``StorageUnavailable``
+        once storage stayed away for ``STORAGE_RETRY_S``.
+
+        Redis may die after it ran an append's script and before it answered: before trying
+        again, the log's head (and the seq of our last event) tells whether it ran.
+        """
+        broker = self.runs.broker
+        deadline = time.monotonic() + STORAGE_RETRY_S
+        delay, longest = _STORAGE_BACKOFF_S
+        failed = False
+        while True:
+            try:
+                if failed and await self._already_written(len(bodies), finish):
+                    return
+                if finish:
+                    self._head = await broker.finish_run(self.lease, bodies, snapshot)
+                else:
+                    self._head = await broker.append(self.lease, bodies)
+                return
+            except StorageUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                if not failed:
+                    log.warning("storage unavailable: run %s waits and retries", self.run_id)
+                failed = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+
+    async def _already_written(self, count: int, finish: bool) -> bool:
+        """After a failed write of ``count`` events: whether it ran anyway.
+        ``LeaseLost`` when the log moved on without this run."""
+        broker = self.runs.broker
+        before = self._head
+        active = await broker.active_run(self.conversation_id)
+        mine = active is not None and active.run_id == self.run_id
+        if before is None:
+            if not mine:
+                # Nothing of ours after RUN_STARTED was logged yet, and the run is gone.
+                raise LeaseLost(self.conversation_id)
+            assert active is not None
+            before = active.start_seq  # our RUN_STARTED: nothing else logged since
+        state = await broker.log_state(self.conversation_id)
+        head = state.head if state is not None else 0
+        if head == before + count and (mine != finish):
+            self._head = head
+            log.info("run %s: the write that failed had gone through", self.run_id)
+            return True
+        if head != before or not mine:
+            raise LeaseLost(self.conversation_id)
+        return False
+
+    async def _durably(self, make: Callable[[], Awaitable[T]]) -> T:
+        """A storage call other than a log write (the history, totals, files), retried while
+        storage is away. Such writes are not checked like appends: one that failed after it
+        ran (Redis died mid-command, rare) may be applied twice."""
+        deadline = time.monotonic() + STORAGE_RETRY_S
+        delay, longest = _STORAGE_BACKOFF_S
+        while True:
+            try:
+                return await make()
+            except StorageUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
 
     async def _sink(self, events: list[Event]) -> None:
         await self._append([protocol.encode(event) for event in events])
@@ -246,6 +328,9 @@ class _Run:
                 ending = self._stop_ending()
             except LLMFailure as failure:
                 ending = RunError(message=failure.message, code=failure.code)
+            except StorageUnavailable:
+                self._give_up_on_storage()  # the lease expires; the reaper ends the run
+                ending = RunError(message="storage unavailable", code="internal")
             except asyncio.CancelledError:
                 if self._interrupting or self.stop_reason is not None:
                     self._uncancel()
@@ -299,15 +384,19 @@ class _Run:
             partial = step_messages(self._open_step.segments.output(), with_tool_calls=False)
             await self._finish_step(reason, self._open_step.segments.close())
             with contextlib.suppress(StorageUnavailable):
-                await store.append_messages(self.conversation_id, partial)
+                await self._durably(lambda: store.append_messages(self.conversation_id, partial))
+        if self._broken:
+            return
         try:
-            await store.add_usage(self.conversation_id, self._totals.usage)
-            total = await store.add_cost(self.conversation_id, self._totals.cost_usd)
+            await self._durably(lambda: store.add_usage(self.conversation_id, self._totals.usage))
+            total = await self._durably(
+                lambda: store.add_cost(self.conversation_id, self._totals.cost_usd)
+            )
             if isinstance(ending, RunFinished):
                 ending.metadata.total_cost_usd = total
-            history = await store.messages(self.conversation_id)
+            history = await self._durably(lambda: store.messages(self.conversation_id))
             snapshot = protocol.encode(MessagesSnapshot(messages=history))
-            await runs.broker.finish_run(self.lease, [protocol.encode(ending)], snapshot)
+            await self._write_log([protocol.encode(ending)], finish=True, snapshot=snapshot)
         except LeaseLost:
             log.info("run %s lost its lease before it ended; another process ends it", self.run_id)
             return
@@ -342,9 +431,13 @@ class _Run:
         )
         for number in range(1, self.settings.max_steps + 1):
             self._check_stop()
-            history = await store.messages(self.conversation_id)
+            history = await self._durably(lambda: store.messages(self.conversation_id))
             output = await self._step(f"llm-{number}", to_llm_messages(self.system, history))
-            await store.append_messages(self.conversation_id, step_messages(output))
+            await self._durably(
+                functools.partial(
+                    store.append_messages, self.conversation_id, step_messages(output)
+                )
+            )
             if not output.tool_calls:
                 return
             await self._run_tools(workspace, output)
@@ -355,7 +448,9 @@ class _Run:
         for position, call in enumerate(output.tool_calls):
             self._check_stop()
             if position < limit:
-                outcome = await workspace.call(call.function.name, call.function.arguments)
+                outcome = await self._durably(
+                    functools.partial(workspace.call, call.function.name, call.function.arguments)
+                )
                 content, is_error = outcome.content, outcome.is_error
             else:
                 content = f"Error: at most {limit} tool calls per step; this one did not run"
@@ -369,13 +464,11 @@ class _Run:
                     metadata=ToolResultMeta(is_error=is_error),
                 )
             )
-            await self.runs.store.append_messages(
-                self.conversation_id,
-                [
-                    SnapshotMessage(
-                        id=message_id, role="tool", content=content, tool_call_id=call.id
-                    )
-                ],
+            result = SnapshotMessage(
+                id=message_id, role="tool", content=content, tool_call_id=call.id
+            )
+            await self._durably(
+                functools.partial(self.runs.store.append_messages, self.conversation_id, [result])
             )
 
     # ---- one step --------------------------------------------------------------------
