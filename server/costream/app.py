@@ -491,7 +491,10 @@ def serve(settings: Settings, workers: int = 1) -> None:
         "port": settings.port,
         "ws_max_size": settings.max_frame_bytes,
         "ws_ping_interval": 20.0,
-        "ws_ping_timeout": 20.0,
+        # A viewer far behind answers pings only after its backlog: its lateness is the
+        # slow-viewer policy's business (fed from the log; 4008 after send_timeout_s), not
+        # a dead connection's (1011).
+        "ws_ping_timeout": 60.0,
         # Compression would run once per viewer on the same bytes (a fan-out encodes once)
         # and keep a deflate context of tens of kilobytes per connection.
         "ws_per_message_deflate": False,

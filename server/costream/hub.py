@@ -59,8 +59,17 @@ class ViewerQueue:
         self.presence: str | None = None  # the latest presence frame not yet sent
         self.lagging = False
         self.resync = False
-        self._wakeup = asyncio.Event()
         self._metrics = metrics
+        self._waiter: asyncio.Future[bool] | None = None  # the follower waiting in ``wait``
+        self._idle_deadline = 0.0  # when the current ``wait`` times out
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(True)
 
     def offer(self, frame: str) -> None:
         if self.lagging:
@@ -72,34 +81,61 @@ class ViewerQueue:
             self._metrics.catch_ups.inc()
         else:
             self.frames.append(frame)
-        self._wakeup.set()
+        if self._waiter is not None:
+            self._wake()
 
     def offer_presence(self, frame: str) -> None:
         """Replace any presence frame still waiting: only the latest count matters."""
         self.presence = frame
-        self._wakeup.set()
+        self._wake()
 
     def reply(self, frame: str) -> None:
         self.control.append(frame)
-        self._wakeup.set()
+        self._wake()
 
     def mark_resync(self) -> None:
         """Frames may have been lost upstream: check the log."""
         self.resync = True
-        self._wakeup.set()
+        self._wake()
 
     async def wait(self, timeout: float) -> bool:
         """Wait until something is queued; False on timeout."""
         if self.frames or self.control or self.presence or self.lagging or self.resync:
             return True
-        self._wakeup.clear()
+        # Called once per frame per viewer: no asyncio.timeout (a timer scheduled and
+        # cancelled each time) but one idle timer per queue, moved on only when it fires.
+        loop = asyncio.get_running_loop()
+        deadline = self._idle_deadline = loop.time() + timeout
+        timer = self._idle_timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._idle_timer = loop.call_at(deadline, self._on_idle_timer)
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
         try:
-            # Not asyncio.wait_for: on 3.11 it makes a task per call, once per frame here.
-            async with asyncio.timeout(timeout):
-                await self._wakeup.wait()
-        except TimeoutError:
-            return False
-        return True
+            return await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def _on_idle_timer(self) -> None:
+        self._idle_timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting: the next ``wait`` arms the timer again
+        loop = waiter.get_loop()
+        if loop.time() >= self._idle_deadline:
+            self._waiter = None
+            waiter.set_result(False)
+        else:
+            self._idle_timer = loop.call_at(self._idle_deadline, self._on_idle_timer)
+
+    def close(self) -> None:
+        """Drop the idle timer (the follower is gone)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
 
 class Hub:
@@ -216,6 +252,7 @@ class Follower:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self.queue.close()
         await self.hub.detach(self.conversation_id, self.queue)
 
     async def next_batch(self, timeout: float) -> list[str]:

@@ -101,6 +101,9 @@ class ViewerSession:
         self.viewers_told = 0  # the viewer count this client was last told
         self.messages = RateLimit(rate=0.5, burst=5)
         self.frames = RateLimit(rate=20, burst=60)
+        self._sending_since: float | None = None  # loop time the current batch began
+        self._send_timed_out = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def serve(self) -> None:
         metrics = self.services.metrics
@@ -223,9 +226,14 @@ class ViewerSession:
         (Not a TaskGroup: it would wrap a ``Close`` in an ExceptionGroup.)"""
         reader = asyncio.create_task(self._reader())
         writer = asyncio.create_task(self._writer())
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self.settings.send_timeout_s, self._watch_sends, writer)
         try:
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
             for task in (reader, writer):
                 task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
@@ -237,18 +245,43 @@ class ViewerSession:
         assert self.follower is not None
         follower = self.follower
         sent = self.services.metrics.frames_sent
+        heartbeat_s = self.settings.heartbeat_s
         try:
             while True:
-                batch = await follower.next_batch(self.settings.heartbeat_s)
+                batch = await follower.next_batch(heartbeat_s)
                 if not batch:
                     head = await follower.check_head()
-                    await self._send(protocol.encode(protocol.Heartbeat(head=head)).decode())
+                    await self._send_batch(
+                        [protocol.encode(protocol.Heartbeat(head=head)).decode()]
+                    )
                     continue
                 await self._send_batch(batch)
                 sent.inc(len(batch))
         except FellBehind:
             self.services.metrics.slow_closes.inc()
             raise Close(CLOSE_SLOW_CONSUMER, "fell too far behind, reconnect and resume") from None
+        except asyncio.CancelledError:
+            if not self._send_timed_out:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            raise Close(CLOSE_SLOW_CONSUMER, "not reading, reconnect and resume") from None
+
+    def _watch_sends(self, writer: asyncio.Task[None]) -> None:
+        """The writer's send timeout: one timer per session that moves on when it fires,
+        not a timer scheduled and cancelled for every batch. A batch still not sent after
+        ``send_timeout_s`` cancels the writer, which closes 4008."""
+        loop = writer.get_loop()
+        timeout = self.settings.send_timeout_s
+        since = self._sending_since
+        if since is not None and loop.time() - since >= timeout:
+            self._watchdog = None
+            self._send_timed_out = True
+            writer.cancel()
+            return
+        start = loop.time() if since is None else since
+        self._watchdog = loop.call_at(start + timeout, self._watch_sends, writer)
 
     def _presence_changed(self, frame: str) -> bool:
         """Whether a presence frame tells this client a count it has not been told yet
@@ -314,16 +347,20 @@ class ViewerSession:
         return protocol.encode(protocol.Error(code=code, message=message)).decode()
 
     async def _send_batch(self, batch: list[str]) -> None:
-        """Send frames in order, under one timeout for the batch (not one per frame)."""
-        send_text = self.websocket.send_text
+        """Send frames in order, under one timeout for the batch (``_watch_sends``)."""
+        # Starlette's WebSocket.send_text re-checks the session's state machine on every
+        # frame, two coroutine layers above the ASGI ``send``. The writer is the only sender
+        # of a connected session, so frames go to that ``send`` (Starlette keeps it as
+        # ``_send``) directly; a dead connection raises OSError all the same.
+        send = self.websocket._send
+        self._sending_since = asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout(self.settings.send_timeout_s):
-                for frame in batch:
-                    if frame.startswith(_PRESENCE_PREFIX) and not self._presence_changed(frame):
-                        continue
-                    await send_text(frame)
-        except TimeoutError:
-            raise Close(CLOSE_SLOW_CONSUMER, "not reading, reconnect and resume") from None
+            for frame in batch:
+                if frame.startswith(_PRESENCE_PREFIX) and not self._presence_changed(frame):
+                    continue
+                await send({"type": "websocket.send", "text": frame})
+        finally:
+            self._sending_since = None
 
     async def _send(self, text: str) -> None:
         try:

@@ -16,9 +16,19 @@ reference with ``PUBLISH`` of the same bytes. Each token frame carries its publi
 (b) the producer as fast as it goes (``--batch`` events per append call, one frame each)
     to 10 and 100 viewers, merging off: delivered frames/s.
 
+Viewers resume like real clients: closed with 1001, 1011, 1012, 4000 or 4008 (or dropped),
+a viewer reconnects with its ``lastSeq``; the tables count those resumes and every close
+code, and gaps and duplicates are counted across resumes. ``--no-resume`` ends a closed
+viewer there instead (its missing tokens count as loss).
+
 Run: ``.venv/bin/python tests/bench/bench_fanout.py`` (about 5 minutes);
-``--part a`` or ``--part b`` for one part; ``--no-deflate`` to have viewers refuse
-permessage-deflate (browsers offer it, so it is on by default).
+``--part a`` or ``--part b`` for one part; ``--no-deflate`` to have viewers not offer
+permessage-deflate (browsers offer it, so it is offered by default; ``costream serve``
+refuses it); ``--systems`` to pick the systems of (a) (``reference+merge30`` feeds the
+reference through the same 30 ms merging, the fair comparison for ``costream+merge30``);
+``--repeat-a N`` to repeat (a) and report medians, with each ratio taken within one
+repetition. ``BENCH_PROFILE_DIR=/some/dir`` runs the costream servers under cProfile
+(``profiled_serve.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +49,14 @@ from redis.asyncio import Redis
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from costream.broker_redis import RedisBroker
+
+SYSTEMS_A = (
+    ("reference", 0),
+    ("costream", 0),
+    ("reference+merge30", 30),
+    ("costream+merge30", 30),
+)
+DEFAULT_SYSTEMS_A = ["reference", "costream", "costream+merge30"]
 
 
 @dataclass
@@ -67,6 +85,7 @@ class Outcome:
     ended: int
     connect_s: float
     closed: str
+    resumed: int
     delivered_per_s: float
     cpu: dict[str, float]
     wall_s: float
@@ -130,12 +149,18 @@ async def measure(
     rate: float | None,
     merge_ms: int = 0,
     batch: int = 1,
+    resume: bool = True,
 ) -> Outcome:
     producer, targets = targets_for(rig, system, viewers)
     expected_s = tokens / rate if rate else 30.0
     deadline = expected_s + 120
     viewer_processes = await fanout.start_viewers(
-        rig.work, targets, processes, deadline_s=deadline, compression=compression
+        rig.work,
+        targets,
+        processes,
+        deadline_s=deadline,
+        compression=compression,
+        resume=resume,
     )
     connect_s = max(v.connect_s for v in viewer_processes)
     await asyncio.sleep(1.0)  # let presence frames of the joins drain
@@ -181,12 +206,22 @@ async def measure(
         connect_s=connect_s,
         closed=" ".join(
             [f"{sum(r['timedOut'] for r in results)} timed out"]
-            + [f"close {code}" for code in sorted({c for r in results for c in r["closeCodes"]})]
+            + [f"close {code} x{count}" for code, count in sorted(closes(results).items())]
         ),
+        resumed=sum(r["resumes"] for r in results),
         delivered_per_s=delivered,
         cpu=cpu,
         wall_s=meter.wall,
     )
+
+
+def closes(results: list[dict[str, Any]]) -> dict[int, int]:
+    """How many times the viewers were closed, by close code (1006: no close frame)."""
+    counts: dict[int, int] = {}
+    for result in results:
+        for code, count in result["closes"].items():
+            counts[int(code)] = counts.get(int(code), 0) + count
+    return counts
 
 
 def viewer_processes_for(viewers: int, override: int | None) -> int:
@@ -201,51 +236,37 @@ def pct(value: float) -> str:
 
 async def part_a(rig: Rig, args: argparse.Namespace) -> None:
     rows: list[list[Any]] = []
-    outcomes: dict[tuple[str, int], Outcome] = {}
+    outcomes: dict[tuple[str, int], list[Outcome]] = {}
     tokens = int(args.rate * args.duration)
-    for viewers in args.viewers_a:
-        for system, merge in (("reference", 0), ("costream", 0), ("costream+merge30", 30)):
-            outcome = await measure(
-                rig,
-                system,
-                viewers,
-                viewer_processes_for(viewers, args.viewer_processes),
-                compression=args.compression,
-                tokens=tokens,
-                rate=args.rate,
-                merge_ms=merge,
-            )
-            outcomes[(system, viewers)] = outcome
-            loss = outcome.expected - outcome.received
-            rows.append(
-                [
+    for _ in range(args.repeat_a):
+        for viewers in args.viewers_a:
+            for system, merge in SYSTEMS_A:
+                if system not in args.systems:
+                    continue
+                outcome = await measure(
+                    rig,
                     system,
                     viewers,
-                    outcome.viewer_processes,
-                    outcome.p(0.5),
-                    outcome.p(0.99),
-                    outcome.p(1.0),
-                    f"{loss} ({loss / max(1, outcome.expected):.2%})",
-                    outcome.gaps,
-                    outcome.duplicates,
-                    outcome.closed,
-                    f"{outcome.connect_s:.1f}",
-                    pct(outcome.cpu["servers"]),
-                    pct(outcome.cpu["redis"]),
-                    f"{pct(outcome.cpu['viewers'])} (max {pct(outcome.cpu['viewer_max'])})",
-                    pct(outcome.cpu["producer"]),
-                ]
-            )
-            print(
-                f"  done: {system} x {viewers}: p50 {outcome.p(0.5):.1f} ms, p99 {outcome.p(0.99):.1f} ms",
-                flush=True,
-            )
-            await asyncio.sleep(2)
+                    viewer_processes_for(viewers, args.viewer_processes),
+                    compression=args.compression,
+                    tokens=tokens,
+                    rate=args.rate,
+                    merge_ms=merge,
+                    resume=args.resume,
+                )
+                outcomes.setdefault((system, viewers), []).append(outcome)
+                rows.append(row_a(outcome))
+                print(
+                    f"  done: {system} x {viewers}: p50 {outcome.p(0.5):.1f} ms,"
+                    f" p99 {outcome.p(0.99):.1f} ms, {outcome.closed}",
+                    flush=True,
+                )
+                await asyncio.sleep(2)
     print()
     print(
         table(
             f"(a) one conversation at {args.rate:g} tokens/s for {args.duration:g} s, viewers split over two processes"
-            f" (latency in ms, token publish -> viewer receive; deflate {'on' if args.compression else 'off'})",
+            f" (latency in ms, token publish -> viewer receive; viewers offer deflate: {'yes' if args.compression else 'no'})",
             [
                 "system",
                 "viewers",
@@ -257,6 +278,7 @@ async def part_a(rig: Rig, args: argparse.Namespace) -> None:
                 "seq gaps",
                 "dups",
                 "viewers ended by",
+                "resumed",
                 "connect s",
                 "CPU servers",
                 "CPU redis",
@@ -268,19 +290,61 @@ async def part_a(rig: Rig, args: argparse.Namespace) -> None:
     )
     ratio_rows = []
     for viewers in args.viewers_a:
-        reference = outcomes[("reference", viewers)]
         for system in ("costream", "costream+merge30"):
-            mine = outcomes[(system, viewers)]
+            mine = outcomes.get((system, viewers))
+            # The merged reference when it was measured, else the unmerged one.
+            name = system.replace("costream", "reference")
+            if (name, viewers) not in outcomes:
+                name = "reference"
+            reference = outcomes.get((name, viewers))
+            if reference is None or mine is None:
+                continue
+            # Each repetition's ratio is taken within that repetition (the same machine load).
+            p99 = [m.p(0.99) / r.p(0.99) for m, r in zip(mine, reference, strict=True)]
+            p50 = [m.p(0.5) / r.p(0.5) for m, r in zip(mine, reference, strict=True)]
             ratio_rows.append(
-                [system, viewers, mine.p(0.99) / reference.p(0.99), mine.p(0.5) / reference.p(0.5)]
+                [
+                    system,
+                    name,
+                    viewers,
+                    len(mine),
+                    statistics.median(m.p(0.99) for m in mine),
+                    statistics.median(r.p(0.99) for r in reference),
+                    statistics.median(p99),
+                    statistics.median(m.p(0.5) for m in mine),
+                    statistics.median(r.p(0.5) for r in reference),
+                    statistics.median(p50),
+                ]
             )
     print(
         table(
-            "(a) ratios to the reference, same run",
-            ["system", "viewers", "p99 / ref p99", "p50 / ref p50"],
+            "(a) medians over the repetitions; ratios to the reference taken within each repetition",
+            ["system", "reference", "viewers", "runs", "p99", "ref p99", "p99 ratio", "p50", "ref p50", "p50 ratio"],
             ratio_rows,
         )
-    )
+    )  # fmt: skip
+
+
+def row_a(outcome: Outcome) -> list[Any]:
+    loss = outcome.expected - outcome.received
+    return [
+        outcome.system,
+        outcome.viewers,
+        outcome.viewer_processes,
+        outcome.p(0.5),
+        outcome.p(0.99),
+        outcome.p(1.0),
+        f"{loss} ({loss / max(1, outcome.expected):.2%})",
+        outcome.gaps,
+        outcome.duplicates,
+        outcome.closed,
+        outcome.resumed,
+        f"{outcome.connect_s:.1f}",
+        pct(outcome.cpu["servers"]),
+        pct(outcome.cpu["redis"]),
+        f"{pct(outcome.cpu['viewers'])} (max {pct(outcome.cpu['viewer_max'])})",
+        pct(outcome.cpu["producer"]),
+    ]
 
 
 async def part_b(rig: Rig, args: argparse.Namespace) -> None:
@@ -298,6 +362,7 @@ async def part_b(rig: Rig, args: argparse.Namespace) -> None:
                     tokens=tokens,
                     rate=None,
                     batch=args.batch,
+                    resume=args.resume,
                 )
                 rates.setdefault((system, viewers), []).append(outcome.delivered_per_s)
                 loss = outcome.expected - outcome.received
@@ -383,12 +448,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=100.0, help="tokens/s in (a)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run in (a)")
     parser.add_argument("--viewers-a", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument("--repeat-a", type=int, default=1)
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        choices=[system for system, _ in SYSTEMS_A],
+        default=DEFAULT_SYSTEMS_A,
+        help="the systems measured in (a); reference+merge30 is the reference fed through"
+        " the same 30 ms merging, to compare with costream+merge30",
+    )
     parser.add_argument("--viewers-b", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--fast-tokens", type=int, nargs="+", default=[20_000, 4_000])
     parser.add_argument("--batch", type=int, default=10, help="events per append call in (b)")
     parser.add_argument("--repeat-b", type=int, default=2)
     parser.add_argument("--viewer-processes", type=int, default=None)
     parser.add_argument("--no-deflate", dest="compression", action="store_false")
+    parser.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="viewers closed by the server end there (their missing tokens count as loss)"
+        " instead of resuming with their lastSeq as real clients do",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the logs")
     return parser.parse_args()
 

@@ -244,9 +244,12 @@ def http_ok(url: str) -> bool:
 def start_costream(
     work: Workdir, redis_url: str | None, env: dict[str, str] | None = None
 ) -> tuple[Child, str]:
-    """A ``costream serve`` process, healthy; returns it and its base URL."""
+    """A ``costream serve`` process, healthy; returns it and its base URL. With
+    ``BENCH_PROFILE_DIR`` set, under cProfile (``profiled_serve.py``)."""
     port = free_port()
     args = [PYTHON, "-m", "costream.cli", "serve", "--port", str(port)]
+    if os.environ.get("BENCH_PROFILE_DIR"):
+        args[1:3] = [str(BENCH_DIR / "profiled_serve.py")]
     if redis_url:
         args += ["--redis-url", redis_url]
     child = work.spawn(f"costream-{port}", args, base_env(**(env or {})))

@@ -253,6 +253,7 @@ async def start_viewers(
     deadline_s: float,
     compression: bool,
     latencies: bool = True,
+    resume: bool = True,
 ) -> list[ViewerProcess]:
     """Viewer processes with every viewer past ``welcome``."""
     started: list[ViewerProcess] = []
@@ -264,6 +265,7 @@ async def start_viewers(
             "compression": compression,
             "latencies": latencies,
             "latenciesPath": str(path),
+            "resume": resume,
         }
         process = await asyncio.create_subprocess_exec(
             benchlib.PYTHON,

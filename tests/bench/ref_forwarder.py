@@ -132,6 +132,7 @@ def main() -> None:
         ws_max_size=1024 * 1024,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
+        ws_per_message_deflate=False,
         log_level="warning",
     )
 
