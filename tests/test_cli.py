@@ -390,7 +390,7 @@ def test_client_modules_do_not_import_litellm() -> None:
     code = (
         "import sys, costream.client, costream.terminal, costream.cli;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('litellm', 'starlette', 'uvicorn', 'redis') or m in ('costream.app', "
+        "('litellm', 'starlette', 'uvicorn', 'redis') or m in ('costream.app', 'costream.serve', "
         "'costream.runner')))"
     )
     done = subprocess.run(

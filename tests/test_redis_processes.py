@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from typing import Any
 
 from tests.support.ws import (
@@ -126,3 +129,35 @@ async def test_redis_stopped_mid_run_gives_clear_outcome(
     async with asyncio.timeout(20):
         while (await ahttp("GET", f"{server.url}/readyz"))[0] != 200:
             await asyncio.sleep(0.2)
+
+
+async def test_workers_serve_one_conversation_from_several_processes(
+    start_server, redis_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """`--workers 2` on one port: sessions spread over the workers see one conversation."""
+    server = start_server(redis_url=redis_url, args=["--workers", "2"])
+    conv = await create_conversation(server.url)
+    url = server.ws_url(conv["id"])
+    viewers = [await open_session(url, conv["id"], conv["viewToken"]) for _ in range(4)]
+    writer = await open_session(url, conv["id"], conv["writeToken"])
+    await writer.send({"type": "message", "content": STORY})
+    for session in (*viewers, writer):
+        assert (await session.until_run_ends())["type"] == "RUN_FINISHED"
+    assert all(viewer.logged() == writer.logged() for viewer in viewers)
+    assert_well_formed(writer.events())
+    for session in (*viewers, writer):
+        await session.close()
+
+
+def test_workers_without_redis_are_refused() -> None:
+    """`--workers 2` with the embedded broker exits 2 and says Redis is needed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "COSTREAM_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "costream.cli", "serve", "--workers", "2", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert "--workers needs Redis" in done.stderr

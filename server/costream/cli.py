@@ -32,8 +32,8 @@ class CommandError(Exception):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import serve
     from .config import Settings
+    from .serve import serve
 
     origins = None
     if args.allowed_origins is not None:
