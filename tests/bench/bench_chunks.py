@@ -312,11 +312,11 @@ async def record_chunks(base_url: str, chunks: int) -> list[Any]:
 
 
 async def inproc(base_url: str, args: argparse.Namespace) -> list[list[Any]]:
-    from costream import protocol, runner
+    from costream import protocol, run_step
     from costream.broker_memory import MemoryBroker
     from costream.hub import Hub
     from costream.metrics import Metrics
-    from costream.segments import DeltaMerger, StepSegments
+    from costream.segments import DeltaMerger, StepSegments, finish_reason_of, usage_of
 
     recorded = await record_chunks(base_url, args.chunks)
 
@@ -344,14 +344,14 @@ async def inproc(base_url: str, args: argparse.Namespace) -> list[list[Any]]:
             started = time.process_time()
             while True:
                 try:
-                    chunk = await runner._within(60.0, iterator.__anext__())
+                    chunk = await run_step._within(60.0, iterator.__anext__())
                 except StopAsyncIteration:
                     break
                 events = segments.feed(chunk)
                 if events:
                     await merger.push(events)
-                reason = runner._finish_reason(chunk) or reason
-                usage = runner._usage_of(chunk) or usage
+                reason = finish_reason_of(chunk) or reason
+                usage = usage_of(chunk) or usage
             await merger.push(segments.close())
             await merger.aclose()
             samples.append((time.process_time() - started) / len(recorded) * 1e6)

@@ -1,0 +1,263 @@
+"""One LLM step of a run: ``STEP_STARTED``, the streamed answer's segments, ``STEP_FINISHED``.
+
+A step streams one LiteLLM call (through :mod:`costream.llm`): each chunk goes to the
+token callbacks, and its segment events to the log through a ``DeltaMerger``. Transient
+failures are retried with exponential backoff: each retry ends the step with
+``finishReason`` ``retry`` and starts it again with ``metadata.attempt`` one more
+(``CUSTOM step_retry`` first when output was streamed). Waits on the LLM and on backoffs
+go through the run's ``Interruptible``, so a cancel cuts them short with :class:`Stopped`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol, TypeVar
+
+from .config import Settings
+from .llm import LLMMessage, classify, completion_options, cost_usd, load_litellm
+from .metrics import Metrics
+from .protocol import (
+    Custom,
+    Event,
+    SnapshotMessage,
+    StepFinished,
+    StepFinishedMeta,
+    StepStarted,
+    StepStartedMeta,
+    Usage,
+)
+from .segments import DeltaMerger, Sink, StepOutput, StepSegments, finish_reason_of, usage_of
+
+# The run's log lines keep the runner's logger name, as before this module was split off.
+log = logging.getLogger("costream.runner")
+
+TokenCallback = Callable[[object], None]
+T = TypeVar("T")
+
+_RETRY_AFTER_CAP_S: Final = 10.0  # a longer Retry-After is not "short": give up at once
+
+
+def step_messages(output: StepOutput, with_tool_calls: bool = True) -> list[SnapshotMessage]:
+    """A step's output as history messages: its reasoning, then the assistant message."""
+    messages = [
+        SnapshotMessage(id=message_id, role="reasoning", content=text)
+        for message_id, text in output.reasoning
+        if text
+    ]
+    tool_calls = output.tool_calls if with_tool_calls else []
+    if output.content or tool_calls:
+        messages.append(
+            SnapshotMessage(
+                id=output.message_id,
+                role="assistant",
+                content=output.content or None,
+                tool_calls=list(tool_calls) or None,
+            )
+        )
+    return messages
+
+
+class Stopped(Exception):
+    """The run was asked to stop (cancel, shutdown, lease lost) at an interruptible point."""
+
+
+class Interruptible(Protocol):
+    """Awaits ``make()``, which a cancel may cut short; raises ``Stopped`` if it does."""
+
+    def __call__(self, make: Callable[[], Awaitable[T]], /) -> Awaitable[T]: ...
+
+
+@dataclass
+class OpenStep:
+    """The step whose STEP_STARTED is out and whose STEP_FINISHED is not."""
+
+    name: str
+    segments: StepSegments
+    merger: DeltaMerger
+    streamed: bool = False  # some segment event went out
+
+
+@dataclass
+class Totals:
+    """What a run's steps used and cost so far."""
+
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+
+
+class Steps:
+    """The LLM steps of one run, each framed by STEP_STARTED and STEP_FINISHED."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        model: str,
+        provider: str,
+        settings: Settings,
+        metrics: Metrics,
+        token_callbacks: Sequence[TokenCallback],
+        sink: Sink,
+        interruptible: Interruptible,
+    ) -> None:
+        self.run_id = run_id
+        self.model = model
+        self.provider = provider
+        self.settings = settings
+        self.metrics = metrics
+        self.token_callbacks = token_callbacks
+        self._sink = sink
+        self._interruptible = interruptible
+        self.open: OpenStep | None = None
+        self.totals = Totals()
+        self._failed_callbacks: set[int] = set()
+
+    async def _emit(self, *events: Event) -> None:
+        await self._sink(list(events))
+
+    async def step(self, name: str, messages: list[LLMMessage]) -> StepOutput:
+        """One LLM call, retried on transient failures; its output once it ended."""
+        attempt = 1
+        while True:
+            step = await self._start(name, attempt)
+            try:
+                reason, usage = await self._stream(step, messages)
+            except (Stopped, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                failure = classify(error, self.provider)
+                if failure.code == "internal":
+                    # Frames only: the exception's text may quote the request, and the key.
+                    log.error(
+                        "LLM call of run %s failed unexpectedly (%s):\n%s",
+                        self.run_id,
+                        type(error).__name__,
+                        "".join(traceback.format_tb(error.__traceback__)),
+                    )
+                else:
+                    log.warning(
+                        "LLM call of run %s failed: %s (%s), attempt %d",
+                        self.run_id,
+                        failure.code,
+                        type(error).__name__,
+                        attempt,
+                    )
+                if not failure.transient or attempt > self.settings.llm_retries:
+                    raise failure from None
+                if failure.retry_after_s is not None and failure.retry_after_s > _RETRY_AFTER_CAP_S:
+                    raise failure from None
+                streamed = step.streamed
+                await self.finish("retry", step.segments.close())
+                attempt += 1
+                if streamed:
+                    await self._emit(
+                        Custom(
+                            name="step_retry", value={"attempt": attempt, "reason": failure.code}
+                        )
+                    )
+                backoff = self.settings.retry_backoff_s * 2 ** (attempt - 2)
+                if failure.retry_after_s is not None:
+                    backoff = max(backoff, failure.retry_after_s)
+                await self._interruptible(functools.partial(asyncio.sleep, backoff))
+                continue
+            output = step.segments.output()
+            cost = cost_usd(self.model, usage)
+            self.totals.usage += usage
+            self.totals.cost_usd += cost
+            await self.finish(reason, step.segments.close(), usage, cost)
+            return output
+
+    async def _start(self, name: str, attempt: int) -> OpenStep:
+        step = OpenStep(name, StepSegments(), DeltaMerger(self._sink, self.settings.flush_ms))
+        await self._emit(
+            StepStarted(step_name=name, metadata=StepStartedMeta(model=self.model, attempt=attempt))
+        )
+        self.open = step
+        return step
+
+    async def finish(
+        self,
+        reason: str,
+        closing: list[Event],
+        usage: Usage | None = None,
+        cost: float = 0.0,
+    ) -> None:
+        """End the open step: ``closing`` events, then STEP_FINISHED with ``reason``."""
+        step, self.open = self.open, None
+        assert step is not None
+        await step.merger.push(closing)
+        await step.merger.aclose()
+        await self._emit(
+            StepFinished(
+                step_name=step.name,
+                metadata=StepFinishedMeta(
+                    finish_reason=reason, usage=usage or Usage(), cost_usd=cost
+                ),
+            )
+        )
+
+    async def _stream(self, step: OpenStep, messages: list[LLMMessage]) -> tuple[str, Usage]:
+        """Stream one LLM call through the token callbacks; (finish reason, usage)."""
+        litellm = await self._interruptible(load_litellm)
+        options = completion_options(self.model, messages, self.settings)
+        timeout = self.settings.llm_timeout_s
+        called = time.monotonic()
+        stream = await self._interruptible(lambda: _within(timeout, litellm.acompletion(**options)))
+        try:
+            iterator = stream.__aiter__()
+            reason, usage = "stop", Usage()
+            while True:
+                try:
+                    chunk = await self._interruptible(
+                        lambda: _within(timeout, iterator.__anext__())
+                    )
+                except StopAsyncIteration:
+                    break
+                events = step.segments.feed(chunk)
+                if events:
+                    if not step.streamed:
+                        step.streamed = True
+                        self.metrics.first_token_seconds.observe(time.monotonic() - called)
+                    await step.merger.push(events)
+                self._call_callbacks(chunk)
+                reason = finish_reason_of(chunk) or reason
+                usage = usage_of(chunk) or usage
+            return reason, usage
+        finally:
+            await quietly(stream.aclose, False)
+
+    def _call_callbacks(self, chunk: object) -> None:
+        for callback in self.token_callbacks:
+            try:
+                callback(chunk)
+            except Exception:
+                if id(callback) not in self._failed_callbacks:
+                    self._failed_callbacks.add(id(callback))
+                    log.exception(
+                        "token callback %r raised; skipped for this run", _name_of(callback)
+                    )
+
+
+def _name_of(callback: object) -> str:
+    return str(getattr(callback, "__qualname__", type(callback).__qualname__))
+
+
+async def _within(timeout_s: float, awaitable: Awaitable[T]) -> T:
+    async with asyncio.timeout(timeout_s):
+        return await awaitable
+
+
+async def quietly(close: Callable[[], Awaitable[object]], skip: bool) -> None:
+    """Close a stream or merger on the way out; its failure must not hide the run's."""
+    if skip:
+        return
+    try:
+        await close()
+    except Exception:
+        log.debug("cleanup failed", exc_info=True)

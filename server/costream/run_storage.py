@@ -1,0 +1,113 @@
+"""Writing a run to storage through outages (Redis restarting, failing over, paused).
+
+A run's storage calls are retried with backoff (``_STORAGE_BACKOFF_S``) for up to
+``STORAGE_RETRY_S``; after that ``StorageUnavailable`` reaches the run, which stops and
+lets its lease expire, so the reaper ends it.
+
+- Log writes (:class:`LogWriter`) happen exactly once: Redis may die after it ran an
+  append's script and before it answered, so before trying again the log's head (and the
+  seq of the run's last event) tells whether the write went through.
+- Other calls (:func:`durably`: the history, totals, files) are only retried: one that
+  failed after it ran (Redis died mid-command, rare) may be applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
+
+from .broker import Broker, RunLease
+from .errors import LeaseLost, StorageUnavailable
+
+# The run's log lines keep the runner's logger name, as before this module was split off.
+log = logging.getLogger("costream.runner")
+
+T = TypeVar("T")
+
+STORAGE_RETRY_S: Final = 30.0  # how long a run waits for storage before it gives up
+_STORAGE_BACKOFF_S: Final = (0.05, 1.0)  # first and longest pause between attempts
+
+
+class LogWriter:
+    """Appends one run's events to its log exactly once, retrying while storage is away."""
+
+    def __init__(self, broker: Broker, lease: RunLease) -> None:
+        self.broker = broker
+        self.lease = lease
+        self.conversation_id = lease.conversation_id
+        self.run_id = lease.run_id
+        self.head: int | None = None  # seq of this run's last logged event, once known
+
+    async def write(
+        self, bodies: list[bytes], *, finish: bool = False, snapshot: bytes | None = None
+    ) -> None:
+        """Append ``bodies`` (``finish``: and end the run, with ``snapshot``) exactly once,
+        retrying while storage is away. Raises ``LeaseLost``, or ``StorageUnavailable``
+        once storage stayed away for ``STORAGE_RETRY_S``.
+
+        Redis may die after it ran an append's script and before it answered: before trying
+        again, the log's head (and the seq of our last event) tells whether it ran.
+        """
+        broker = self.broker
+        deadline = time.monotonic() + STORAGE_RETRY_S
+        delay, longest = _STORAGE_BACKOFF_S
+        failed = False
+        while True:
+            try:
+                if failed and await self._already_written(len(bodies), finish):
+                    return
+                if finish:
+                    self.head = await broker.finish_run(self.lease, bodies, snapshot)
+                else:
+                    self.head = await broker.append(self.lease, bodies)
+                return
+            except StorageUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                if not failed:
+                    log.warning("storage unavailable: run %s waits and retries", self.run_id)
+                failed = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+
+    async def _already_written(self, count: int, finish: bool) -> bool:
+        """After a failed write of ``count`` events: whether it ran anyway.
+        ``LeaseLost`` when the log moved on without this run."""
+        broker = self.broker
+        before = self.head
+        active = await broker.active_run(self.conversation_id)
+        mine = active is not None and active.run_id == self.run_id
+        if before is None:
+            if not mine:
+                # Nothing of ours after RUN_STARTED was logged yet, and the run is gone.
+                raise LeaseLost(self.conversation_id)
+            assert active is not None
+            before = active.start_seq  # our RUN_STARTED: nothing else logged since
+        state = await broker.log_state(self.conversation_id)
+        head = state.head if state is not None else 0
+        if head == before + count and (mine != finish):
+            self.head = head
+            log.info("run %s: the write that failed had gone through", self.run_id)
+            return True
+        if head != before or not mine:
+            raise LeaseLost(self.conversation_id)
+        return False
+
+
+async def durably(make: Callable[[], Awaitable[T]]) -> T:
+    """A storage call other than a log write (the history, totals, files), retried while
+    storage is away. Such writes are not checked like appends: one that failed after it
+    ran (Redis died mid-command, rare) may be applied twice."""
+    deadline = time.monotonic() + STORAGE_RETRY_S
+    delay, longest = _STORAGE_BACKOFF_S
+    while True:
+        try:
+            return await make()
+        except StorageUnavailable:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
