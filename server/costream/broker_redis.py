@@ -199,6 +199,13 @@ class RedisBroker(Broker):
     # ---- lifecycle ----------------------------------------------------------------
     async def start(self, on_frame: FrameListener, on_resync: ResyncListener) -> None:
         self._closed = False
+        if self._cluster is not None:
+            # redis-py's RedisCluster loads the slot map on first use; the load benchmark saw
+            # a burst of first commands on a fresh client fail ("Connection closed by
+            # server"), so it is loaded here, once. A cluster not up yet loads on first use.
+            with contextlib.suppress(*UNAVAILABLE, StorageUnavailable):
+                with self._storage():
+                    await self._cluster.initialize()
         await self._live.start(on_frame, on_resync)
 
     async def close(self) -> None:

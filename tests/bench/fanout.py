@@ -128,9 +128,17 @@ def token(message_id: str) -> TextMessageContent:
     return TextMessageContent(message_id=message_id, delta=f"{time.time_ns()} ")
 
 
-async def produce_paced(producer: Producer, tokens: int, rate: float, merge_ms: int) -> float:
+async def produce_paced(
+    producer: Producer,
+    tokens: int,
+    rate: float,
+    merge_ms: int,
+    lags: list[float] | None = None,
+) -> float:
     """``tokens`` tokens at ``rate`` per second (through a ``DeltaMerger`` when
-    ``merge_ms``), then the END token; returns the seconds it took."""
+    ``merge_ms``), then the END token; returns the seconds it took. With ``lags``, the
+    seconds each token was handed over after its scheduled time are appended to it (the
+    producer's own lateness, which the token's publish time does not include)."""
     message_id = new_id()
     await producer.begin()
     await producer.send([TextMessageStart(message_id=message_id)])
@@ -141,6 +149,8 @@ async def produce_paced(producer: Producer, tokens: int, rate: float, merge_ms: 
         delay = started + index / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        if lags is not None:
+            lags.append(loop.time() - started - index / rate)
         await merger.push([token(message_id)])
     await merger.aclose()
     took = loop.time() - started
