@@ -5,6 +5,9 @@
         redis_server.kill_pubsub()      # CLIENT KILL TYPE pubsub
         redis_server.stop(); redis_server.start()   # the append-only file keeps the data
 
+``RedisServer(directory, tls=RedisTls(cert, key, ca))`` serves TLS only (on ``port``; the
+plain port is off), and its ``url`` is ``rediss://...?ssl_cert_reqs=required&ssl_ca_certs=<ca>``.
+
 The fixtures are blocking on purpose (sync fixtures are fine under pytest-asyncio); from an
 async test, call the methods through ``asyncio.to_thread``.
 """
@@ -17,7 +20,9 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -32,32 +37,61 @@ def _free_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """The PEM files of a TLS-only redis-server: its certificate, its key, the CA that signed it."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
 class RedisServer:
     """One ``redis-server`` process, its data and log in ``directory``."""
 
     def __init__(
-        self, directory: Path, *, appendonly: bool = True, password: str | None = None
+        self,
+        directory: Path,
+        *,
+        appendonly: bool = True,
+        password: str | None = None,
+        tls: RedisTls | None = None,
     ) -> None:
         self.directory = directory
         self.appendonly = appendonly
         self.password = password
+        self.tls = tls
         self._port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     @property
     def port(self) -> int:
-        """The TCP port, the same across restarts."""
+        """The TCP port (the TLS port with ``tls``), the same across restarts."""
         return self._port
 
     @property
     def url(self) -> str:
         """The URL a broker connects with (carrying the password, if any)."""
         auth = f":{self.password}@" if self.password else ""
+        if self.tls is not None:
+            ca = quote(str(self.tls.ca_file), safe="/")
+            query = f"?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+            return f"rediss://{auth}127.0.0.1:{self._port}/0{query}"
         return f"redis://{auth}127.0.0.1:{self._port}/0"
 
     def client(self) -> redis.Redis:
         """A plain blocking client, for the test's own commands."""
+        if self.tls is not None:
+            return redis.Redis(
+                host="127.0.0.1",
+                port=self._port,
+                password=self.password,
+                socket_timeout=5,
+                ssl=True,
+                ssl_cert_reqs="required",
+                ssl_ca_certs=str(self.tls.ca_file),
+            )
         return redis.Redis(
             host="127.0.0.1", port=self._port, password=self.password, socket_timeout=5
         )
@@ -80,6 +114,14 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls is not None:
+            args[1:3] = ["--port", "0", "--tls-port", str(self._port)]
+            args += [
+                "--tls-cert-file", str(self.tls.cert_file),
+                "--tls-key-file", str(self.tls.key_file),
+                "--tls-ca-cert-file", str(self.tls.ca_file),
+                "--tls-auth-clients", "no",  # clients check the server, show no certificate
+            ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
