@@ -20,7 +20,8 @@ from tests.support.front import (
     compose_service,
     compose_service_names,
 )
-from tests.support.servers import ServerProcess, free_port
+from tests.support.processes import free_port
+from tests.support.servers import ServerProcess
 from tests.support.ws import (
     ahttp,
     assert_well_formed,

@@ -19,14 +19,10 @@ whose server was killed reconnects to the next one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +31,14 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.processes import answers_ok, free_port, stop_process, wait_ready
+from tests.support.proxy import Relay
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 
 _VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # ---- compose.yaml ---------------------------------------------------------------------
@@ -98,7 +90,7 @@ class NginxFront:
 
     def __init__(self, directory: Path, upstream_ports: Sequence[int]) -> None:
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.upstream_ports = list(upstream_ports)
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -140,27 +132,12 @@ class NginxFront:
         args += ["-c", str(config), "-g", directives]
         log = (self.directory / "stderr.log").open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx exited early:\n{self.log_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nginx did not answer:\n{self.log_text()}")
+        wait_ready(
+            self.process, lambda: answers_ok(f"{self.url}/healthz"), "nginx", self.log_text, timeout
+        )
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGQUIT)  # graceful: finish open requests
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, signal.SIGQUIT, 10)  # SIGQUIT: finish open requests
 
     def log_text(self) -> str:
         parts = []
@@ -197,7 +174,7 @@ def start_nginx(tmp_path: Path) -> Iterator[Callable[[Sequence[int]], NginxFront
 # ---- a failover front for the fault tests ------------------------------------------------
 
 
-class Failover:
+class Failover(Relay):
     """Forwards ``127.0.0.1:port`` to the first of ``upstream_ports`` that accepts.
 
     Use as ``async with Failover([a.port, b.port]) as front``. When the upstream of a
@@ -205,23 +182,9 @@ class Failover:
     """
 
     def __init__(self, upstream_ports: Sequence[int]) -> None:
+        super().__init__()
         self.upstream_ports = list(upstream_ports)
-        self.port = 0
         self.connections: list[int] = []  # the upstream port of each connection, in order
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> Failover:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def ws_url(self, conversation_id: str) -> str:
         return f"ws://127.0.0.1:{self.port}/ws/conversations/{conversation_id}"
@@ -235,20 +198,7 @@ class Failover:
             except OSError:
                 continue
             self.connections.append(upstream)
-            for pump in (self._pump(client_in, server_out), self._pump(server_in, client_out)):
-                task = asyncio.create_task(pump)
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            self._relay(client_in, server_out)
+            self._relay(server_in, client_out)
             return
         client_out.close()  # no upstream answers
-
-    @staticmethod
-    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while True:
-                data = await source.read(65536)
-                if not data:
-                    break
-                sink.write(data)
-                await sink.drain()
-        sink.close()

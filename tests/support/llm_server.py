@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections import deque
@@ -30,6 +29,8 @@ from typing import Any
 
 import pytest
 import uvicorn
+
+from tests.support.processes import free_port
 
 Chunk = dict[str, Any]
 
@@ -258,15 +259,6 @@ async def _wait_for_disconnect(receive: Any) -> None:
         pass
 
 
-def _free_port() -> int:
-    # Not servers.free_port: importing a sibling plugin module here would import it before
-    # pytest registers it, and pytest refuses to rewrite its asserts then.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _serve_in_thread(server: LLMServer) -> tuple[uvicorn.Server, threading.Thread]:
     config = uvicorn.Config(
         server,
@@ -289,7 +281,7 @@ def _serve_in_thread(server: LLMServer) -> tuple[uvicorn.Server, threading.Threa
 
 @pytest.fixture(scope="session")
 def _llm_server_session() -> Iterator[LLMServer]:
-    server = LLMServer(port=_free_port())
+    server = LLMServer(port=free_port())
     uvicorn_server, thread = _serve_in_thread(server)
     yield server
     uvicorn_server.should_exit = True

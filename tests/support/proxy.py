@@ -1,4 +1,5 @@
-"""A TCP proxy in front of a server that can stop reading from it: a viewer that stalls.
+"""TCP relays for the tests: a base ``Relay``, and a proxy that can stop reading from the
+server behind it (a viewer that stalls).
 
 A client library buffers what the kernel hands it, so "not calling recv" does not stall a
 connection at once. The proxy does: paused, it reads nothing from the server, and with a
@@ -10,21 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from typing import Self
 
 
-class StallingProxy:
-    """Forwards ``127.0.0.1:port`` to the server's port; ``pause()`` stops the server side."""
+class Relay:
+    """A TCP listener on ``127.0.0.1:port`` whose connections a subclass relays somewhere
+    (``_accept``); used as ``async with``, it closes every relayed connection on exit."""
 
-    def __init__(self, upstream_port: int, receive_buffer: int = 4096) -> None:
-        self.upstream_port = upstream_port
-        self.receive_buffer = receive_buffer
-        self.flowing = asyncio.Event()
-        self.flowing.set()
+    def __init__(self) -> None:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> StallingProxy:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -35,6 +34,49 @@ class StallingProxy:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        raise NotImplementedError
+
+    def _relay(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        *,
+        gate: asyncio.Event | None = None,
+        chunk: int = 65536,
+    ) -> None:
+        """Copy ``source`` to ``sink`` in the background (reading only while ``gate`` is
+        set), then close ``sink``."""
+
+        async def pump() -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while True:
+                    if gate is not None:
+                        await gate.wait()
+                    data = await source.read(chunk)
+                    if not data:
+                        break
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        task = asyncio.create_task(pump())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class StallingProxy(Relay):
+    """Forwards ``127.0.0.1:port`` to the server's port; ``pause()`` stops the server side."""
+
+    def __init__(self, upstream_port: int, receive_buffer: int = 4096) -> None:
+        super().__init__()
+        self.upstream_port = upstream_port
+        self.receive_buffer = receive_buffer
+        self.flowing = asyncio.Event()
+        self.flowing.set()
 
     def pause(self) -> None:
         """Stop reading from the server."""
@@ -52,24 +94,5 @@ class StallingProxy:
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.upstream_port))
         # A small read limit too, so asyncio's own buffer holds little.
         server_in, server_out = await asyncio.open_connection(sock=sock, limit=4096)
-        for pump in (
-            self._pump(client_in, server_out, gated=False),
-            self._pump(server_in, client_out, gated=True),
-        ):
-            task = asyncio.create_task(pump)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pump(
-        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, gated: bool
-    ) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while True:
-                if gated:
-                    await self.flowing.wait()
-                data = await source.read(4096)
-                if not data:
-                    break
-                sink.write(data)
-                await sink.drain()
-        sink.close()
+        self._relay(client_in, server_out, chunk=4096)
+        self._relay(server_in, client_out, gate=self.flowing, chunk=4096)

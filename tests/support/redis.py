@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +25,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-
-def _free_port() -> int:
-    # Not servers.free_port: importing a sibling plugin here would stop pytest from
-    # rewriting its asserts (it is registered after this one).
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.support.processes import free_port, stop_process, wait_ready
 
 
 @dataclass(frozen=True)
@@ -61,7 +52,7 @@ class RedisServer:
         self.appendonly = appendonly
         self.password = password
         self.tls = tls
-        self._port = _free_port()
+        self._port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -123,28 +114,18 @@ class RedisServer:
                 "--tls-auth-clients", "no",  # clients check the server, show no certificate
             ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited early:\n{self.log_text()}")
-            try:
-                with self.client() as client:
-                    if client.ping():
-                        return
-            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not answer PING:\n{self.log_text()}")
+        wait_ready(self.process, self._answers_ping, "redis-server", self.log_text, timeout)
+
+    def _answers_ping(self) -> bool:
+        try:
+            with self.client() as client:
+                return bool(client.ping())
+        except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+            return False
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
         """Stop the server (SIGTERM: it flushes the append-only file first)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, sig, timeout)
 
     def kill(self) -> None:
         """SIGKILL: the server dies without any cleanup."""
