@@ -17,8 +17,8 @@ import pytest
 
 from costream import protocol
 from costream.broker import Broker, RunLease
-from costream.broker_memory import MemoryBroker
-from costream.broker_redis import RedisBroker
+from costream.broker.memory import MemoryBroker
+from costream.broker.redis import RedisBroker
 from costream.errors import LeaseLost, RunActive, StorageUnavailable
 from costream.store import mint_id
 from tests.support.redis import RedisServer

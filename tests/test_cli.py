@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from costream import protocol
+from costream.client.terminal import TerminalRenderer
 from costream.protocol import (
     Custom,
     FunctionCall,
@@ -43,7 +44,6 @@ from costream.protocol import (
     ToolResultMeta,
     UserMessage,
 )
-from costream.terminal import TerminalRenderer
 from tests.support.servers import ServerProcess
 from tests.support.ws import http
 
@@ -386,12 +386,14 @@ def test_say_while_a_run_is_active_reports_run_active(
 
 
 def test_client_modules_do_not_import_litellm() -> None:
-    """``costream.client``, ``costream.terminal`` and ``costream.cli`` stay light."""
+    """``costream.client``, its terminal viewer, the publisher and ``costream.cli`` stay
+    light: no LiteLLM, no server, no Redis until a Redis transport is made."""
     code = (
-        "import sys, costream.client, costream.terminal, costream.cli;"
+        "import sys, costream.client, costream.client.terminal, costream.cli;"
+        "import costream.publisher;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('litellm', 'starlette', 'uvicorn', 'redis') or m in ('costream.app', 'costream.serve', "
-        "'costream.runner')))"
+        "('litellm', 'starlette', 'uvicorn', 'redis', 'openhands') "
+        "or m.startswith(('costream.server', 'costream.agent'))))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

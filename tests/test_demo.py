@@ -13,10 +13,10 @@ import msgspec
 import pytest
 from litellm.types.utils import ModelResponseStream
 
-from costream import demo
+from costream.agent import demo
+from costream.agent.tools import TOOL_SPECS
 from costream.protocol import Event
 from costream.segments import StepSegments
-from costream.tools import TOOL_SPECS
 
 # LiteLLM imports its GitHub Copilot module on the first call, and pydantic warns there
 # about ReadOnly TypedDict items; pyproject turns warnings into errors.

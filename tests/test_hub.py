@@ -9,9 +9,9 @@ import pytest
 
 from costream import protocol
 from costream.broker import RunLease
-from costream.broker_memory import MemoryBroker
-from costream.hub import FellBehind, Follower, Hub
+from costream.broker.memory import MemoryBroker
 from costream.metrics import Metrics
+from costream.server.hub import FellBehind, Follower, Hub
 from costream.store import mint_id
 
 

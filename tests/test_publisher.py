@@ -357,7 +357,7 @@ async def test_failed_publishes_are_logged_without_the_token(
     publisher = TokenPublisher(url=f"{server.url}/c/{conversation['id']}", token=wrong)
     llm_server.enqueue(text("fine", 10, 2))
 
-    with caplog.at_level(logging.INFO, logger="costream.publisher"):
+    with caplog.at_level(logging.INFO, logger="costream.client.publisher"):
         assert await litellm_agent(publisher, llm_server, "hello") == "fine"
         await publisher.aclose()
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from costream.broker import RunLease
-from costream.broker_redis import RedisBroker
+from costream.broker.redis import RedisBroker
 from costream.errors import StorageUnavailable
 from costream.store import mint_id
 from tests.support.redis_cluster import RedisCluster

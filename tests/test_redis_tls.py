@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 
-from costream.broker_redis import RedisBroker
+from costream.broker.redis import RedisBroker
 from costream.errors import StorageUnavailable
 from tests.support.redis import RedisServer, RedisTls
 from tests.support.ws import assert_well_formed, create_conversation, open_session

@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 
 from costream import protocol
-from costream.broker_memory import MemoryBroker
+from costream.agent.llm import to_llm_messages
+from costream.agent.runner import Runs
+from costream.agent.tools import TOOL_SPECS
+from costream.broker.memory import MemoryBroker
 from costream.config import Settings
-from costream.llm import to_llm_messages
 from costream.metrics import Metrics
 from costream.protocol import FunctionCall, SnapshotMessage, ToolCall
-from costream.runner import Runs
 from costream.store import Store
-from costream.tools import TOOL_SPECS
 from tests.support.llm_server import (
     LLMServer,
     content,
@@ -537,7 +537,7 @@ async def test_a_token_callback_that_raises_is_logged_once_and_skipped(
 ) -> None:
     """A raising callback is logged once per run and skipped; the callbacks after it
     still get every chunk and the run finishes."""
-    caplog.set_level(logging.ERROR, logger="costream.runner")
+    caplog.set_level(logging.ERROR, logger="costream.agent")
     received: list[object] = []
 
     def broken(chunk: object) -> None:

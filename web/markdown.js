@@ -79,11 +79,6 @@ DOMPurify.addHook("afterSanitizeAttributes", (element) => {
   }
 });
 
-/** Markdown to a sanitized DocumentFragment. */
-export function markdownFragment(text) {
-  return DOMPurify.sanitize(markdown.parse(text), PURIFY);
-}
-
 /**
  * Render `text` into `container`, re-rendering only the blocks that changed since the last
  * call with the same `state` (a streaming segment only ever changes at its end).

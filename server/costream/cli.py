@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from .client import Conversation
+    from costream.client.connect import Conversation
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 HTTP_TIMEOUT_S = 30.0
@@ -32,8 +32,8 @@ class CommandError(Exception):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import Settings
-    from .serve import serve
+    from costream.config import Settings
+    from costream.server.serve import serve
 
     origins = None
     if args.allowed_origins is not None:
@@ -123,7 +123,7 @@ def _status_printer(stream: TextIO) -> Callable[[str], None]:
 
 
 def _client_error(error: Exception) -> CommandError:
-    from .client import Closed, ConversationNotFound, Refused, Unauthorized
+    from costream.client.connect import Closed, ConversationNotFound, Refused, Unauthorized
 
     if isinstance(error, Unauthorized):
         return CommandError("the link's token is wrong or missing (4401)")
@@ -149,8 +149,8 @@ async def _follow(
     run_id: str | None = None,
 ) -> int:
     """Print events until Ctrl-C, or until run ``run_id`` ends (then its exit code)."""
-    from . import protocol
-    from .terminal import TerminalRenderer
+    from costream import protocol
+    from costream.client.terminal import TerminalRenderer
 
     renderer = TerminalRenderer(sys.stdout, color=color)
     ours = run_id is None
@@ -180,8 +180,8 @@ async def _follow(
 
 
 async def _watch_async(args: argparse.Namespace) -> int:
-    from .client import ClientError, connect
-    from .terminal import use_color
+    from costream.client.connect import ClientError, connect
+    from costream.client.terminal import use_color
 
     try:
         async with connect(
@@ -193,8 +193,8 @@ async def _watch_async(args: argparse.Namespace) -> int:
 
 
 async def _say_async(args: argparse.Namespace) -> int:
-    from .client import ClientError, connect
-    from .terminal import use_color
+    from costream.client.connect import ClientError, connect
+    from costream.client.terminal import use_color
 
     try:
         async with connect(
@@ -214,7 +214,7 @@ async def _say_async(args: argparse.Namespace) -> int:
 
 
 def _forbidden() -> Exception:
-    from .client import Refused
+    from costream.client.connect import Refused
 
     return Refused("forbidden", "this token can only view")
 

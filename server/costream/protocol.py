@@ -265,9 +265,6 @@ Event = (
     | Custom
 )
 
-# Events that open a segment, and the event that closes each (for closing what is open).
-SEGMENT_STARTS: Final = (ReasoningStart, ReasoningMessageStart, TextMessageStart, ToolCallStart)
-
 # ---- control frames -------------------------------------------------------------------
 
 

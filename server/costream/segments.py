@@ -17,7 +17,7 @@ from typing import Literal
 
 import msgspec
 
-from .protocol import (
+from costream.protocol import (
     Event,
     FunctionCall,
     ReasoningEnd,
@@ -25,6 +25,7 @@ from .protocol import (
     ReasoningMessageEnd,
     ReasoningMessageStart,
     ReasoningStart,
+    SnapshotMessage,
     TextMessageContent,
     TextMessageEnd,
     TextMessageStart,
@@ -413,3 +414,23 @@ class DeltaMerger:
         timed, self._timed_flushes = self._timed_flushes, set()
         await asyncio.gather(*timed)
         await self.flush()
+
+
+def step_messages(output: StepOutput, with_tool_calls: bool = True) -> list[SnapshotMessage]:
+    """A step's output as history messages: its reasoning, then the assistant message."""
+    messages = [
+        SnapshotMessage(id=message_id, role="reasoning", content=text)
+        for message_id, text in output.reasoning
+        if text
+    ]
+    tool_calls = output.tool_calls if with_tool_calls else []
+    if output.content or tool_calls:
+        messages.append(
+            SnapshotMessage(
+                id=output.message_id,
+                role="assistant",
+                content=output.content or None,
+                tool_calls=list(tool_calls) or None,
+            )
+        )
+    return messages

@@ -17,8 +17,8 @@ from typing import Literal
 
 import msgspec
 
-from .broker import Broker
-from .protocol import SnapshotMessage, Usage, now_ms
+from costream.broker import Broker
+from costream.protocol import SnapshotMessage, Usage, now_ms
 
 Role = Literal["viewer", "writer"]
 

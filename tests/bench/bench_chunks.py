@@ -86,7 +86,7 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
 async def litellm_alone(args: argparse.Namespace) -> dict[str, Any]:
     import litellm
 
-    from costream.tools import TOOL_SPECS
+    from costream.agent.tools import TOOL_SPECS
 
     for name, value in VARIANTS[args.variant][1].items():
         setattr(litellm, name, value)
@@ -296,7 +296,7 @@ def part_settings(args: argparse.Namespace, base_url: str) -> None:
 async def record_chunks(base_url: str, chunks: int) -> list[Any]:
     import litellm
 
-    from costream.tools import TOOL_SPECS
+    from costream.agent.tools import TOOL_SPECS
 
     stream = await litellm.acompletion(
         model=f"openai/chunks-{chunks}",
@@ -312,11 +312,12 @@ async def record_chunks(base_url: str, chunks: int) -> list[Any]:
 
 
 async def inproc(base_url: str, args: argparse.Namespace) -> list[list[Any]]:
-    from costream import protocol, run_step
-    from costream.broker_memory import MemoryBroker
-    from costream.hub import Hub
+    from costream import protocol
+    from costream.agent import step as run_step
+    from costream.broker.memory import MemoryBroker
     from costream.metrics import Metrics
     from costream.segments import DeltaMerger, StepSegments, finish_reason_of, usage_of
+    from costream.server.hub import Hub
 
     recorded = await record_chunks(base_url, args.chunks)
 

@@ -48,7 +48,7 @@ from redis.asyncio import Redis
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from costream.broker_redis import RedisBroker
+from costream.broker.redis import RedisBroker
 
 SYSTEMS_A = (
     ("reference", 0),

@@ -58,7 +58,7 @@ from benchlib import CpuMeter, table
 sys.path.insert(0, str(benchlib.ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from costream.broker_redis import RedisBroker
+from costream.broker.redis import RedisBroker
 from tests.support.redis_cluster import RedisCluster
 
 MODES = {"off": 0, "merge30": 30}

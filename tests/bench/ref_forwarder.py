@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis-url", required=True)
     args = parser.parse_args()
-    # The same transport options as costream.serve.serve.
+    # The same transport options as costream.server.serve.serve.
     uvicorn.run(
         create_app(args.redis_url),
         host="127.0.0.1",

@@ -11,7 +11,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from .store import Store
+from costream.store import Store
 
 _PATH = {"type": "string", "description": "Relative path inside the workspace, e.g. story.txt"}
 

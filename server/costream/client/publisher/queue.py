@@ -23,14 +23,14 @@ from typing import Final
 
 import msgspec
 
-from .protocol import (
+from costream.lifecycle import RunEnd
+from costream.protocol import (
     Event,
     LoggedEvent,
     ReasoningMessageContent,
     TextMessageContent,
     ToolCallArgs,
 )
-from .publisher_transports import RunEnd
 
 _MAX_DELTA_CHARS: Final = 16_384  # one (merged) delta: frames stay far below 1 MiB
 _MERGEABLE: Final = (ReasoningMessageContent, TextMessageContent, ToolCallArgs)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 from typing import Final, TextIO
 
-from . import protocol
-from .protocol import Event, Presence
+from costream import protocol
+from costream.protocol import Event, Presence
 
 RESET: Final = "\x1b[0m"
 BOLD: Final = "1"

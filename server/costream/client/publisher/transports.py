@@ -20,33 +20,23 @@ import abc
 import asyncio
 import http.client
 import json
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 
-from . import protocol
-from .broker import Broker, RunLease
-from .errors import LeaseLost, NotFound, RunActive, StorageUnavailable
-from .protocol import (
-    ErrorCode,
+from costream import lifecycle, protocol
+from costream.broker import RunLease
+from costream.errors import LeaseLost, NotFound, RunActive, StorageUnavailable
+from costream.lifecycle import RunEnd, finish_external_run, open_run
+from costream.metrics import Metrics
+from costream.protocol import (
     Event,
-    MessagesSnapshot,
-    RunError,
-    RunFinished,
-    RunFinishedMeta,
-    RunOutcome,
-    SnapshotMessage,
-    TokenUsage,
-    Usage,
 )
-from .runner import open_run
-from .store import CONVERSATION_ID, Store
+from costream.store import CONVERSATION_ID, Store
 
 T = TypeVar("T")
-Outcome = Literal["success", "cancelled", "error"]
 
 DEFAULT_LEASE_TTL_MS: Final = 10_000  # Settings.lease_ttl_ms
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
@@ -54,54 +44,6 @@ _MAX_REQUEST_BYTES: Final = 512 * 1024  # one HTTP request; the server takes up 
 
 
 # ---- runs in storage (the Redis transport here, the HTTP ingest in ingest.py) ------------
-
-
-@dataclass
-class RunEnd:
-    """How a run ends, as its producer tells it."""
-
-    outcome: Outcome
-    usage: Usage = field(default_factory=Usage)
-    cost_usd: float = 0.0
-    model: str = ""
-    error_code: ErrorCode = "internal"
-    error_message: str = "the run failed"
-    messages: list[SnapshotMessage] = field(default_factory=list)  # the run's history
-
-
-async def finish_external_run(
-    broker: Broker, store: Store, lease: RunLease, end: RunEnd, closing: Sequence[Event]
-) -> int:
-    """Record history, usage and cost, then append ``closing`` and the last event with
-    the snapshot and release the lease, as the runner's ``_end`` does; the last seq."""
-    conversation_id = lease.conversation_id
-    await store.append_messages(conversation_id, end.messages)
-    await store.add_usage(conversation_id, end.usage)
-    total = await store.add_cost(conversation_id, end.cost_usd)
-    ending: Event
-    if end.outcome == "error":
-        ending = RunError(message=end.error_message, code=end.error_code)
-    else:
-        usage = end.usage
-        ending = RunFinished(
-            thread_id=conversation_id,
-            run_id=lease.run_id,
-            outcome=RunOutcome(type=end.outcome),
-            usage=[
-                TokenUsage(
-                    model=end.model or None,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    reasoning_tokens=usage.reasoning_tokens,
-                    total_tokens=usage.input_tokens + usage.output_tokens,
-                )
-            ],
-            metadata=RunFinishedMeta(cost_usd=end.cost_usd, total_cost_usd=total),
-        )
-    history = await store.messages(conversation_id)
-    snapshot = protocol.encode(MessagesSnapshot(messages=history))
-    bodies = [protocol.encode(event) for event in (*closing, ending)]
-    return await broker.finish_run(lease, bodies, snapshot)
 
 
 # ---- the transports (called from the publisher's thread only) -------------------------
@@ -145,7 +87,7 @@ class RedisTransport(Transport):
     """Straight into the servers' Redis, with the broker and store the servers use."""
 
     def __init__(self, redis_url: str, conversation_id: str, lease_ttl_ms: int) -> None:
-        from .broker_redis import RedisBroker  # only this transport needs redis
+        from costream.broker.redis.broker import RedisBroker  # only this transport needs redis
 
         self.lease_ttl_ms = lease_ttl_ms
         self._conversation_id = conversation_id
@@ -170,12 +112,9 @@ class RedisTransport(Transport):
             raise PublishError("the conversation already has an active run", False) from None
 
     def _reap(self, conversation_id: str) -> Awaitable[None]:
-        from .config import Settings
-        from .metrics import Metrics
-        from .runner import Runs
-
-        settings = Settings(lease_ttl_ms=self.lease_ttl_ms)
-        return Runs(settings, self._broker, self._store, Metrics()).reap(conversation_id)
+        return lifecycle.reap(
+            self._broker, self._store, Metrics(), conversation_id, self.lease_ttl_ms
+        )
 
     def start_run(self, content: str) -> str:
         self._lease = self._call(

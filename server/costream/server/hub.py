@@ -25,8 +25,8 @@ import itertools
 from collections import deque
 from typing import Final
 
-from .broker import Broker
-from .metrics import Metrics
+from costream.broker import Broker
+from costream.metrics import Metrics
 
 _SEQ_PREFIX: Final = '{"seq":'
 _LOG_PAGE: Final = 1000

@@ -25,8 +25,8 @@ from redis import exceptions as redis_errors
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from .broker import FrameListener, ResyncListener
-from .errors import StorageUnavailable
+from costream.broker import FrameListener, ResyncListener
+from costream.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class LiveTail:
                 )
                 link.confirmed.clear()
                 with contextlib.suppress(*UNAVAILABLE):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped in older redis-py
             if link.sharded:
                 # The master may be gone (failover): its channels move to the new one.
                 await self._reroute(refresh=True)
@@ -301,7 +301,7 @@ class LiveTail:
 
     async def _listen(self, link: _Link, pubsub: PubSub) -> None:
         """Connect, subscribe the link's channels, and deliver until the connection fails."""
-        await pubsub.connect()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        await pubsub.connect()  # type: ignore[no-untyped-call,unused-ignore]  # untyped in older redis-py
         link.pubsub = pubsub
         await link.subscribe(*link.channels)
         loop = asyncio.get_running_loop()

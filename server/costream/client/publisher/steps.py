@@ -31,7 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from .protocol import (
+from costream.lifecycle import Outcome, RunEnd
+from costream.protocol import (
     ErrorCode,
     Event,
     ReasoningEnd,
@@ -50,14 +51,14 @@ from .protocol import (
     ToolResultMeta,
     Usage,
 )
-from .publisher_transports import Outcome, RunEnd
-from .segments import (
+from costream.segments import (
     StepSegments,
     as_usage,
     chunk_field,
     chunk_text,
     finish_reason_of,
     new_id,
+    step_messages,
     usage_of,
 )
 
@@ -91,7 +92,7 @@ def _step_cost(model: str, usage: Usage) -> float:
     """The runner's price of a step, when LiteLLM is loaded (never imported for this)."""
     if "litellm" not in sys.modules:
         return 0.0
-    from .llm import cost_usd
+    from costream.provider import cost_usd
 
     return cost_usd(model, usage)
 
@@ -108,7 +109,7 @@ def _failure_of(error: BaseException | str | None, model: str) -> tuple[ErrorCod
     while current is not None and id(current) not in seen:  # OpenHands wraps LLM errors
         seen.add(id(current))
         if type(current).__module__.startswith("litellm"):
-            from .llm import classify, provider_phrase
+            from costream.provider import classify, provider_phrase
 
             failure = classify(current, provider_phrase(model))
             return failure.code, failure.message
@@ -221,8 +222,6 @@ class StepReader:
 
     def end_step(self, reason: str | None = None) -> list[Event]:
         """Close the open step (``reason``: why it was cut short, None: it completed)."""
-        from .runner import step_messages
-
         step, self._step = self._step, None
         if step is None:
             return []

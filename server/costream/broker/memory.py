@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import protocol
-from .broker import ActiveRun, Broker, FrameListener, LogState, ResyncListener, RunLease
-from .errors import LeaseLost, RunActive, StorageUnavailable
+from costream import protocol
+from costream.broker import ActiveRun, Broker, FrameListener, LogState, ResyncListener, RunLease
+from costream.errors import LeaseLost, RunActive, StorageUnavailable
 
 
 def _now_ms() -> float:

@@ -18,8 +18,9 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from .app import Services, create_app
-from .config import Settings
+from costream.config import Settings
+from costream.server.app import create_app
+from costream.server.deps import Services
 
 _SETTINGS_ENV = "COSTREAM_SETTINGS_JSON"
 
@@ -66,7 +67,7 @@ def serve(settings: Settings, workers: int = 1) -> None:
         # the same trust boundary as the LLM_API_KEY variable they came from.
         os.environ[_SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
         config = uvicorn.Config(
-            "costream.serve:app_from_env", factory=True, workers=workers, **options
+            "costream.server.serve:app_from_env", factory=True, workers=workers, **options
         )
         Multiprocess(config, sockets=[_listen(config, settings)]).run()
     else:

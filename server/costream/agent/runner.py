@@ -6,20 +6,20 @@ last ``RUN_FINISHED`` (success or cancelled) or ``RUN_ERROR``, released with the
 a ``MESSAGES_SNAPSHOT`` in one atomic step. Whatever ends a run, open segments are closed
 first, so every ``*_START`` has its ``*_END``.
 
-- Retries (:mod:`costream.run_step`): transient failures (connection errors, 5xx, a stream
+- Retries (:mod:`costream.agent.step`): transient failures (connection errors, 5xx, a stream
   cut mid-way, no chunk for ``llm_timeout_s``, 429) are retried ``llm_retries`` times with
   exponential backoff; each retry ends the step with ``finishReason`` ``retry`` and starts
   it again with ``metadata.attempt`` one more (``CUSTOM step_retry`` first when output was
   streamed).
 - Cancel: takes effect while the run waits on the LLM or a backoff, or before the next
   tool or step; broker appends are never interrupted, so the log stays well formed.
-- Storage away (Redis restarting, failing over, paused; :mod:`costream.run_storage`): the
+- Storage away (Redis restarting, failing over, paused; :mod:`costream.agent.storage`): the
   run holds what it was about to write (one batch of events; the LLM stream waits unread
   behind it, so nothing grows) and retries with backoff for up to ``STORAGE_RETRY_S``
   (30 s). An append that failed may have run (Redis died mid-script): before trying again
   the log's head says whether it did, so no event is logged twice. Storage back within
   the lease's ttl: the run goes on as if nothing happened. Back later: the lease has
-  expired and the run stops; the reaper (:mod:`costream.reaper`) ends it with
+  expired and the run stops; the reaper (:func:`costream.lifecycle.reap`) ends it with
   ``RUN_ERROR`` ``producer_lost`` (as it does after ``STORAGE_RETRY_S``).
 - ``max_steps``: a model that still calls tools after the last step ends the run with
   ``RUN_FINISHED`` success; its tool results are in the history, so the next message
@@ -27,8 +27,8 @@ first, so every ``*_START`` has its ``*_END``.
 - Secrets: error messages are our own words (status, provider; ``llm.classify``), never
   LiteLLM's text, which may quote the request or the provider's answer, and so the API key.
 
-LiteLLM is called by the run's steps only (:mod:`costream.run_step`), through
-:mod:`costream.llm` (its lazy import, the request's messages and options, the chunks'
+LiteLLM is called by the run's steps only (:mod:`costream.agent.step`), through
+:mod:`costream.agent.llm` (its lazy import, the request's messages and options, the chunks'
 usage, errors and prices): the import takes seconds and ~200 MB, so it happens at the
 process's first LLM call.
 """
@@ -43,36 +43,35 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
-from . import protocol, reaper
-from .broker import Broker, RunLease
-from .config import Settings
-from .errors import LeaseLost, NoRun, NotFound, RunActive, StorageUnavailable
-from .llm import LLMFailure, provider_phrase, to_llm_messages
-from .metrics import Metrics
-from .protocol import (
+from costream import lifecycle, protocol
+from costream.agent.llm import to_llm_messages
+from costream.agent.step import Steps, Stopped, TokenCallback, quietly
+from costream.agent.storage import STORAGE_RETRY_S, LogWriter, durably
+from costream.agent.tools import TOOL_SPECS, Workspace
+from costream.broker import Broker, RunLease
+from costream.config import Settings
+from costream.errors import LeaseLost, NoRun, NotFound, RunActive, StorageUnavailable
+from costream.lifecycle import open_run
+from costream.metrics import Metrics
+from costream.protocol import (
     Event,
     MessagesSnapshot,
-    RunAgentInput,
     RunError,
     RunFinished,
     RunFinishedMeta,
     RunOutcome,
-    RunStarted,
     SnapshotMessage,
     TokenUsage,
     ToolCallResult,
     ToolResultMeta,
-    UserMessage,
 )
-from .run_step import Steps, Stopped, TokenCallback, quietly, step_messages
-from .run_storage import STORAGE_RETRY_S, LogWriter, durably
-from .segments import StepOutput, new_id
-from .store import Store
-from .tools import Workspace
+from costream.provider import LLMFailure, provider_phrase
+from costream.segments import StepOutput, new_id, step_messages
+from costream.store import Store
 
-__all__ = ["STORAGE_RETRY_S", "Runs", "StopReason", "TokenCallback", "open_run", "step_messages"]
+__all__ = ["Runs", "StopReason", "TokenCallback"]
 
-log = logging.getLogger("costream.runner")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -108,6 +107,7 @@ class _Run:
             settings=self.settings,
             metrics=runs.metrics,
             token_callbacks=runs.token_callbacks,
+            tools=TOOL_SPECS,
             sink=self._sink,
             interruptible=self._interruptible,
         )
@@ -343,42 +343,6 @@ class _Run:
 # ---- the runs of a process ------------------------------------------------------------
 
 
-async def open_run(
-    broker: Broker,
-    store: Store,
-    conversation_id: str,
-    content: str,
-    ttl_ms: int,
-    reap: Callable[[str], Awaitable[None]],
-) -> RunLease:
-    """Take the run lease and append RUN_STARTED in one step, and record the user message:
-    how every run starts, built-in or published. A run whose lease expired is reaped
-    (``reap``) first. ``NotFound``; ``RunActive`` while a live run holds the lease."""
-    if await store.get(conversation_id) is None:
-        raise NotFound(conversation_id)
-    run_id = new_id()
-    user = UserMessage(id=new_id(), content=content)
-    body = protocol.encode(
-        RunStarted(
-            thread_id=conversation_id,
-            run_id=run_id,
-            input=RunAgentInput(thread_id=conversation_id, run_id=run_id, messages=[user]),
-        )
-    )
-    try:
-        lease = await broker.start_run(conversation_id, run_id, body, ttl_ms)
-    except RunActive:
-        active = await broker.active_run(conversation_id)
-        if active is None or active.lease_alive:
-            raise
-        await reap(conversation_id)
-        lease = await broker.start_run(conversation_id, run_id, body, ttl_ms)
-    await store.append_messages(
-        conversation_id, [SnapshotMessage(id=user.id, role="user", content=content)]
-    )
-    return lease
-
-
 class Runs:
     """Starts, cancels and ends runs; reaps runs whose process died."""
 
@@ -441,13 +405,13 @@ class Runs:
 
     async def reap(self, conversation_id: str) -> None:
         """End a run whose lease expired: close its open segments, append producer_lost."""
-        await reaper.reap(
+        await lifecycle.reap(
             self.broker, self.store, self.metrics, conversation_id, self.settings.lease_ttl_ms
         )
 
     async def closing_events(self, conversation_id: str, start_seq: int) -> list[Event]:
         """The events that end what a dead run left open, read from its log."""
-        return await reaper.closing_events(self.broker, conversation_id, start_seq)
+        return await lifecycle.closing_events(self.broker, conversation_id, start_seq)
 
     async def shutdown(self, grace_s: float) -> None:
         """Let this process's runs finish for ``grace_s``, then end them with RUN_ERROR."""

@@ -43,10 +43,10 @@ from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT
 
-from . import redis_scripts as scripts
-from .broker import ActiveRun, Broker, FrameListener, LogState, ResyncListener, RunLease
-from .broker_redis_live import UNAVAILABLE, LiveTail
-from .errors import LeaseLost, RunActive, StorageUnavailable
+from costream.broker import ActiveRun, Broker, FrameListener, LogState, ResyncListener, RunLease
+from costream.broker.redis import scripts
+from costream.broker.redis.live import UNAVAILABLE, LiveTail
+from costream.errors import LeaseLost, RunActive, StorageUnavailable
 
 _COMMAND_TIMEOUT_S: Final = 5.0
 _CONNECT_TIMEOUT_S: Final = 3.0

@@ -43,9 +43,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from . import protocol
-from .errors import CostreamError
-from .protocol import (
+from costream import protocol
+from costream.errors import CostreamError
+from costream.protocol import (
     CLOSE_BAD_FRAME,
     CLOSE_BAD_ORIGIN,
     CLOSE_BAD_TOKEN,

@@ -12,28 +12,42 @@ also closes what a published run left open when its producer finishes it.
 from __future__ import annotations
 
 import logging
-from typing import Final
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
 
-from . import protocol
-from .broker import Broker
-from .errors import LeaseLost
-from .metrics import Metrics
-from .protocol import (
+from costream import protocol
+from costream.broker import Broker, RunLease
+from costream.errors import LeaseLost, NotFound, RunActive
+from costream.metrics import Metrics
+from costream.protocol import (
+    ErrorCode,
     Event,
     MessagesSnapshot,
     ReasoningEnd,
     ReasoningMessageEnd,
+    RunAgentInput,
     RunError,
+    RunFinished,
+    RunFinishedMeta,
+    RunOutcome,
+    RunStarted,
+    SnapshotMessage,
     StepFinished,
     StepFinishedMeta,
     StepStarted,
     TextMessageEnd,
+    TokenUsage,
     ToolCallEnd,
+    Usage,
+    UserMessage,
 )
-from .store import Store
+from costream.segments import new_id
+from costream.store import Store
 
-# The run's log lines keep the runner's logger name, as before this module was split off.
-log = logging.getLogger("costream.runner")
+Outcome = Literal["success", "cancelled", "error"]
+
+log = logging.getLogger(__name__)
 
 _REAP_PAGE: Final = 1000
 
@@ -107,3 +121,87 @@ async def closing_events(broker: Broker, conversation_id: str, start_seq: int) -
             StepFinished(step_name=step, metadata=StepFinishedMeta(finish_reason="error"))
         )
     return events
+
+
+async def open_run(
+    broker: Broker,
+    store: Store,
+    conversation_id: str,
+    content: str,
+    ttl_ms: int,
+    reap: Callable[[str], Awaitable[None]],
+) -> RunLease:
+    """Take the run lease and append RUN_STARTED in one step, and record the user message:
+    how every run starts, built-in or published. A run whose lease expired is reaped
+    (``reap``) first. ``NotFound``; ``RunActive`` while a live run holds the lease."""
+    if await store.get(conversation_id) is None:
+        raise NotFound(conversation_id)
+    run_id = new_id()
+    user = UserMessage(id=new_id(), content=content)
+    body = protocol.encode(
+        RunStarted(
+            thread_id=conversation_id,
+            run_id=run_id,
+            input=RunAgentInput(thread_id=conversation_id, run_id=run_id, messages=[user]),
+        )
+    )
+    try:
+        lease = await broker.start_run(conversation_id, run_id, body, ttl_ms)
+    except RunActive:
+        active = await broker.active_run(conversation_id)
+        if active is None or active.lease_alive:
+            raise
+        await reap(conversation_id)
+        lease = await broker.start_run(conversation_id, run_id, body, ttl_ms)
+    await store.append_messages(
+        conversation_id, [SnapshotMessage(id=user.id, role="user", content=content)]
+    )
+    return lease
+
+
+@dataclass
+class RunEnd:
+    """How a run ends, as its producer tells it."""
+
+    outcome: Outcome
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    model: str = ""
+    error_code: ErrorCode = "internal"
+    error_message: str = "the run failed"
+    messages: list[SnapshotMessage] = field(default_factory=list)  # the run's history
+
+
+async def finish_external_run(
+    broker: Broker, store: Store, lease: RunLease, end: RunEnd, closing: Sequence[Event]
+) -> int:
+    """Record history, usage and cost, then append ``closing`` and the last event with
+    the snapshot and release the lease, as the runner's ``_end`` does; the last seq."""
+    conversation_id = lease.conversation_id
+    await store.append_messages(conversation_id, end.messages)
+    await store.add_usage(conversation_id, end.usage)
+    total = await store.add_cost(conversation_id, end.cost_usd)
+    ending: Event
+    if end.outcome == "error":
+        ending = RunError(message=end.error_message, code=end.error_code)
+    else:
+        usage = end.usage
+        ending = RunFinished(
+            thread_id=conversation_id,
+            run_id=lease.run_id,
+            outcome=RunOutcome(type=end.outcome),
+            usage=[
+                TokenUsage(
+                    model=end.model or None,
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    reasoning_tokens=usage.reasoning_tokens,
+                    total_tokens=usage.input_tokens + usage.output_tokens,
+                )
+            ],
+            metadata=RunFinishedMeta(cost_usd=end.cost_usd, total_cost_usd=total),
+        )
+    history = await store.messages(conversation_id)
+    snapshot = protocol.encode(MessagesSnapshot(messages=history))
+    bodies = [protocol.encode(event) for event in (*closing, ending)]
+    return await broker.finish_run(lease, bodies, snapshot)

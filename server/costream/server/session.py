@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from . import protocol
-from .errors import NoRun, NotFound, RunActive, StorageUnavailable
-from .hub import FellBehind, Follower
-from .protocol import (
+from costream import protocol
+from costream.errors import NoRun, NotFound, RunActive, StorageUnavailable
+from costream.protocol import (
     CLOSE_BAD_FRAME,
     CLOSE_BAD_ORIGIN,
     CLOSE_BAD_TOKEN,
@@ -31,12 +30,13 @@ from .protocol import (
     CLOSE_UNKNOWN_CONVERSATION,
     SUBPROTOCOL,
 )
-from .store import mint_id
+from costream.server.hub import FellBehind, Follower
+from costream.store import mint_id
 
 if TYPE_CHECKING:
-    from .app import Services
+    from costream.server.deps import Services
 
-log = logging.getLogger("costream.viewer")
+log = logging.getLogger(__name__)
 
 _PRESENCE_PREFIX = '{"type":"presence"'
 _presence_decoder = msgspec.json.Decoder(protocol.Presence)
@@ -379,29 +379,3 @@ class ViewerSession:
                 await self.websocket.close(code=code, reason=reason[:120])
             except (RuntimeError, OSError):
                 pass  # already gone
-
-
-class Sessions:
-    """The sessions of this process, by conversation (limits, shutdown)."""
-
-    def __init__(self) -> None:
-        self._by_conversation: dict[str, set[ViewerSession]] = {}
-
-    def add(self, session: ViewerSession) -> None:
-        self._by_conversation.setdefault(session.conversation_id, set()).add(session)
-
-    def discard(self, session: ViewerSession) -> None:
-        sessions = self._by_conversation.get(session.conversation_id)
-        if sessions is not None:
-            sessions.discard(session)
-            if not sessions:
-                del self._by_conversation[session.conversation_id]
-
-    def count(self, conversation_id: str) -> int:
-        return len(self._by_conversation.get(conversation_id, ()))
-
-    def viewer_ids(self, conversation_id: str) -> list[str]:
-        return [s.viewer_id for s in self._by_conversation.get(conversation_id, ())]
-
-    def all(self) -> list[ViewerSession]:
-        return [s for sessions in self._by_conversation.values() for s in sessions]

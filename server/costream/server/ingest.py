@@ -28,13 +28,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from . import protocol
-from .app import HTTPError, Services, api, authorize, read_json_body
-from .broker import ActiveRun, RunLease
-from .errors import LeaseLost, NotFound, RunActive
-from .protocol import ErrorCode, Event, SnapshotMessage, Usage
-from .publisher_transports import RunEnd, finish_external_run
-from .runner import open_run
+from costream import protocol
+from costream.broker import ActiveRun, RunLease
+from costream.errors import LeaseLost, NotFound, RunActive
+from costream.lifecycle import RunEnd, finish_external_run, open_run
+from costream.protocol import ErrorCode, Event, SnapshotMessage, Usage
+from costream.server.deps import HTTPError, Services, api, authorize, read_json_body
 
 _FENCES: Final = "ingest_fences"  # store map: run id -> the fence it started with
 _REFUSED: Final = (

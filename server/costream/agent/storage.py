@@ -19,11 +19,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
-from .broker import Broker, RunLease
-from .errors import LeaseLost, StorageUnavailable
+from costream.broker import Broker, RunLease
+from costream.errors import LeaseLost, StorageUnavailable
 
-# The run's log lines keep the runner's logger name, as before this module was split off.
-log = logging.getLogger("costream.runner")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

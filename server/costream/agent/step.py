@@ -1,6 +1,6 @@
 """One LLM step of a run: ``STEP_STARTED``, the streamed answer's segments, ``STEP_FINISHED``.
 
-A step streams one LiteLLM call (through :mod:`costream.llm`): each chunk goes to the
+A step streams one LiteLLM call (through :mod:`costream.agent.llm`): each chunk goes to the
 token callbacks, and its segment events to the log through a ``DeltaMerger``. Transient
 failures are retried with exponential backoff: each retry ends the step with
 ``finishReason`` ``retry`` and starts it again with ``metadata.attempt`` one more
@@ -19,48 +19,34 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeVar
 
-from .config import Settings
-from .llm import LLMMessage, classify, completion_options, cost_usd, load_litellm
-from .metrics import Metrics
-from .protocol import (
+from costream.agent.llm import LLMMessage, ToolSpec, completion_options, load_litellm
+from costream.config import Settings
+from costream.metrics import Metrics
+from costream.protocol import (
     Custom,
     Event,
-    SnapshotMessage,
     StepFinished,
     StepFinishedMeta,
     StepStarted,
     StepStartedMeta,
     Usage,
 )
-from .segments import DeltaMerger, Sink, StepOutput, StepSegments, finish_reason_of, usage_of
+from costream.provider import classify, cost_usd
+from costream.segments import (
+    DeltaMerger,
+    Sink,
+    StepOutput,
+    StepSegments,
+    finish_reason_of,
+    usage_of,
+)
 
-# The run's log lines keep the runner's logger name, as before this module was split off.
-log = logging.getLogger("costream.runner")
+log = logging.getLogger(__name__)
 
 TokenCallback = Callable[[object], None]
 T = TypeVar("T")
 
 _RETRY_AFTER_CAP_S: Final = 10.0  # a longer Retry-After is not "short": give up at once
-
-
-def step_messages(output: StepOutput, with_tool_calls: bool = True) -> list[SnapshotMessage]:
-    """A step's output as history messages: its reasoning, then the assistant message."""
-    messages = [
-        SnapshotMessage(id=message_id, role="reasoning", content=text)
-        for message_id, text in output.reasoning
-        if text
-    ]
-    tool_calls = output.tool_calls if with_tool_calls else []
-    if output.content or tool_calls:
-        messages.append(
-            SnapshotMessage(
-                id=output.message_id,
-                role="assistant",
-                content=output.content or None,
-                tool_calls=list(tool_calls) or None,
-            )
-        )
-    return messages
 
 
 class Stopped(Exception):
@@ -103,6 +89,7 @@ class Steps:
         settings: Settings,
         metrics: Metrics,
         token_callbacks: Sequence[TokenCallback],
+        tools: Sequence[ToolSpec],
         sink: Sink,
         interruptible: Interruptible,
     ) -> None:
@@ -112,6 +99,7 @@ class Steps:
         self.settings = settings
         self.metrics = metrics
         self.token_callbacks = token_callbacks
+        self.tools = tools
         self._sink = sink
         self._interruptible = interruptible
         self.open: OpenStep | None = None
@@ -205,7 +193,7 @@ class Steps:
     async def _stream(self, step: OpenStep, messages: list[LLMMessage]) -> tuple[str, Usage]:
         """Stream one LLM call through the token callbacks; (finish reason, usage)."""
         litellm = await self._interruptible(load_litellm)
-        options = completion_options(self.model, messages, self.settings)
+        options = completion_options(self.model, messages, self.tools, self.settings)
         timeout = self.settings.llm_timeout_s
         called = time.monotonic()
         stream = await self._interruptible(lambda: _within(timeout, litellm.acompletion(**options)))

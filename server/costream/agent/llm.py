@@ -1,0 +1,158 @@
+"""Talking to LiteLLM: its lazy import, the request, the demo model's registration.
+
+- Import: LiteLLM takes seconds and ~200 MB to import, so it is imported on first use,
+  in a thread (:func:`load_litellm`). Only the runner calls LiteLLM during a run.
+- Requests: :func:`to_llm_messages` turns a conversation's AG-UI history into the
+  OpenAI/LiteLLM chat messages of a call, :func:`completion_options` into the call's
+  arguments; LiteLLM's own retries are off, the runner's are visible to viewers.
+- Errors and prices are worded in :mod:`costream.provider`, which the publisher shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Protocol
+
+from costream.config import DEMO_MODEL, Settings
+from costream.protocol import SnapshotMessage
+
+log = logging.getLogger(__name__)
+
+LLMMessage = dict[str, object]
+ToolSpec = dict[str, object]  # an OpenAI function-tool definition
+
+
+class CompletionStream(Protocol):
+    """What ``litellm.acompletion(stream=True)`` returns: chunks, and a way to close it."""
+
+    def __aiter__(self) -> AsyncIterator[object]: ...
+
+    def aclose(self) -> Awaitable[object]: ...
+
+
+class LiteLLM(Protocol):
+    """The part of the ``litellm`` module the runner calls."""
+
+    def acompletion(self, **options: object) -> Awaitable[CompletionStream]: ...
+
+
+def _litellm() -> Any:
+    """The ``litellm`` module, imported on first use (slow, heavy).
+
+    Through importlib so mypy does not type-check all of LiteLLM (minutes); its values
+    stay inside this module."""
+    return importlib.import_module("litellm")
+
+
+async def load_litellm() -> LiteLLM:
+    """``litellm``, imported in a thread the first time: the import takes seconds, and the
+    event loop keeps serving viewers meanwhile."""
+    global _litellm_loaded
+    if not _litellm_loaded:
+        litellm: Any = await asyncio.to_thread(importlib.import_module, "litellm")
+        litellm.suppress_debug_info = True  # no "Give Feedback" banners quoting errors
+        # LiteLLM logs a line per call at INFO; the server's log keeps to its own events.
+        logging.getLogger("LiteLLM").setLevel(logging.WARNING)
+        _litellm_loaded = True
+    litellm_module: LiteLLM = _litellm()
+    return litellm_module
+
+
+_litellm_loaded = False
+_demo_registered = False
+
+
+def _register_demo(delay_ms: float) -> None:
+    """Add the demo model to LiteLLM's providers (demo.py), once."""
+    global _demo_registered
+    if _demo_registered:
+        return
+    try:
+        demo = importlib.import_module("costream.agent.demo")
+    except ImportError:
+        log.error("the demo model (costream.agent.demo) is not available")
+        return
+    demo.register(delay_ms)
+    _demo_registered = True
+
+
+def completion_options(
+    model: str, messages: list[LLMMessage], tools: Sequence[ToolSpec], settings: Settings
+) -> dict[str, object]:
+    """The arguments of a streamed ``litellm.acompletion`` call offering ``tools``."""
+    options: dict[str, object] = {
+        "model": model,
+        "messages": messages,
+        "tools": list(tools),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_retries": 0,  # the retries are ours, with events viewers can see
+    }
+    if model == DEMO_MODEL:
+        _register_demo(settings.demo_delay_ms)
+    else:
+        if settings.api_key:
+            options["api_key"] = settings.api_key
+        if settings.base_url:
+            options["api_base"] = settings.base_url
+    return options
+
+
+# ---- messages -------------------------------------------------------
+
+
+def to_llm_messages(system: str, history: Sequence[SnapshotMessage]) -> list[LLMMessage]:
+    """The conversation's AG-UI history as OpenAI/LiteLLM chat messages.
+
+    Reasoning is not sent back. A tool call with no result in the history (its run was
+    cancelled or failed before the tool ran) is left out: providers reject it."""
+    answered = {m.tool_call_id for m in history if m.role == "tool" and m.tool_call_id}
+    messages: list[LLMMessage] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    for message in history:
+        if message.role in ("user", "system"):
+            messages.append({"role": message.role, "content": message.content or ""})
+        elif message.role == "assistant":
+            calls = [c for c in message.tool_calls or () if c.id in answered]
+            if not calls and not message.content:
+                continue
+            item: LLMMessage = {"role": "assistant", "content": message.content or None}
+            if calls:
+                item["tool_calls"] = [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": c.function.arguments},
+                    }
+                    for c in calls
+                ]
+            messages.append(item)
+        elif message.role == "tool":
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": message.tool_call_id or "",
+                    "content": message.content or "",
+                }
+            )
+    return messages
+
+
+async def warm_up(settings: Settings) -> None:
+    """Import LiteLLM and make one tiny call to the demo model, at server start.
+
+    LiteLLM's first call in a process spends seconds on imports (a few hundred ms of it
+    on the event loop, which a thread cannot take); paid here, the first user message
+    streams at once. The demo call is local, costs nothing and never reaches a provider.
+    """
+    litellm = await load_litellm()
+    _register_demo(settings.demo_delay_ms)
+    stream = await litellm.acompletion(
+        model=DEMO_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    async for _ in stream:
+        pass

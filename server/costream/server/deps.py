@@ -1,0 +1,155 @@
+"""What the server's handlers share: the process's services, HTTP errors, authorization.
+
+HTTP checks run in PROTOCOL.md's order: 404, 401, 403, 413, 400, 409 (a conversation's
+existence is not a secret; its content is).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.websockets import WebSocket
+
+from costream.agent.runner import Runs
+from costream.broker import Broker
+from costream.config import Settings
+from costream.errors import StorageUnavailable
+from costream.metrics import Metrics
+from costream.server.hub import Hub
+from costream.store import Conversation, Role, Store
+
+
+class LocalSession(Protocol):
+    """A viewer session of this process, as the registry sees it."""
+
+    conversation_id: str
+    viewer_id: str
+
+    async def close_going_away(self) -> None: ...
+
+
+class Sessions:
+    """The sessions of this process, by conversation (limits, shutdown)."""
+
+    def __init__(self) -> None:
+        self._by_conversation: dict[str, set[LocalSession]] = {}
+
+    def add(self, session: LocalSession) -> None:
+        self._by_conversation.setdefault(session.conversation_id, set()).add(session)
+
+    def discard(self, session: LocalSession) -> None:
+        sessions = self._by_conversation.get(session.conversation_id)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._by_conversation[session.conversation_id]
+
+    def count(self, conversation_id: str) -> int:
+        return len(self._by_conversation.get(conversation_id, ()))
+
+    def viewer_ids(self, conversation_id: str) -> list[str]:
+        return [s.viewer_id for s in self._by_conversation.get(conversation_id, ())]
+
+    def all(self) -> list[LocalSession]:
+        return [s for sessions in self._by_conversation.values() for s in sessions]
+
+
+@dataclass
+class Services:
+    """What every request handler of one process shares."""
+
+    settings: Settings
+    broker: Broker
+    store: Store
+    hub: Hub
+    runs: Runs
+    metrics: Metrics
+    sessions: Sessions
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """The JSON body, at most ``limit`` bytes (413), parsed (400)."""
+    declared = request.headers.get("content-length")
+    too_large = HTTPError(413, "too_large", f"body larger than {limit} bytes")
+    if declared and declared.isdigit() and int(declared) > 4 * limit:
+        raise too_large  # not worth reading: the connection is dropped after the answer
+    body = bytearray()
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > 4 * limit:
+            raise too_large
+        if received <= limit:
+            body += chunk
+    # A body a little over the limit is read to its end before the 413, so that the
+    # client, still sending, gets the answer instead of a broken pipe.
+    if received > limit:
+        raise too_large
+    if not body:
+        return {}
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "bad_request", "body is not valid JSON") from None
+
+
+def services_of(request: Request | WebSocket) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def authorize(
+    request: Request, *, write: bool = False
+) -> tuple[Services, Conversation, Role]:
+    """404 unknown conversation, 401 no or wrong token, 403 a view token that must write."""
+    services = services_of(request)
+    conversation = await services.store.get(request.path_params["conversation_id"])
+    if conversation is None:
+        raise HTTPError(404, "not_found", "unknown conversation")
+    token = bearer_token(request)
+    if token is None:
+        raise HTTPError(401, "unauthorized", "send the conversation's token as a Bearer token")
+    role = await services.store.role_for(conversation.id, token)
+    if role is None:
+        raise HTTPError(401, "unauthorized", "wrong token")
+    if write and role != "writer":
+        raise HTTPError(403, "forbidden", "this token can only view")
+    return services, conversation, role
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def api(handler: Handler) -> Handler:
+    """Turn HTTPError and storage failures into PROTOCOL.md's error bodies."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except HTTPError as error:
+            return error_response(error.status, error.code, error.message)
+        except StorageUnavailable:
+            return error_response(503, "unavailable", "storage unavailable, try again")
+
+    return wrapped
