@@ -250,7 +250,8 @@ def test_composer_sends_on_enter_and_shift_enter_adds_a_line(server, open_page):
 def test_connection_badge_says_reconnecting_then_offline_when_the_conversation_is_gone(
     server, open_page
 ):
-    """Server down: 'reconnecting…'; back up without the conversation (memory broker): 'offline'."""
+    """Server down: 'reconnecting…'; back up without the conversation (memory broker):
+    'offline', and the page says the conversation does not exist."""
     created = create_conversation(server.url)
     page = open_page(created["viewUrl"])
     badge = page.get_by_test_id("connection")
@@ -259,7 +260,8 @@ def test_connection_badge_says_reconnecting_then_offline_when_the_conversation_i
     expect(badge).to_have_text("reconnecting…")
     server.start()
     expect(badge).to_have_text("offline")
-    expect(page.get_by_test_id("banner")).to_contain_text("unknown conversation")
+    expect(page.get_by_test_id("not-found")).to_be_visible()
+    expect(page.get_by_test_id("not-found-title")).to_have_text("This conversation does not exist")
 
 
 def test_viewer_has_no_composer_and_its_token_cannot_send(server, open_page):

@@ -3,8 +3,10 @@
 // frame (once at the end of a replay), from what the model marked dirty.
 
 import { CostreamClient } from "./client.js";
+import { formatSize } from "./fileview.js";
 import { ConversationModel } from "./model.js";
 import { formatCost, Renderer } from "./render.js";
+import { forgetConversation, savedConversations, saveConversation } from "./saved.js";
 
 const DEMO_MODEL = "costream/demo";
 const $ = (testid, root = document) => root.querySelector(`[data-testid="${testid}"]`);
@@ -48,6 +50,13 @@ function startPage() {
       });
       const body = await answer.json().catch(() => ({}));
       if (!answer.ok) throw new Error(body.error?.message ?? `HTTP ${answer.status}`);
+      saveConversation({
+        id: body.id,
+        title: title || "Untitled conversation",
+        viewUrl: body.viewUrl,
+        writeUrl: body.writeUrl,
+      });
+      showSaved();
       $("view-link").value = body.viewUrl;
       $("write-link").value = body.writeUrl;
       $("created-model").textContent = modelLabel(body.model ?? "");
@@ -61,11 +70,46 @@ function startPage() {
       button.disabled = false;
     }
   });
+  bindCopyButtons();
+  showSaved();
+}
+
+function bindCopyButtons() {
   for (const button of document.querySelectorAll("button[data-copy]")) {
     button.addEventListener("click", () =>
       copyText(document.getElementById(button.dataset.copy), button),
     );
   }
+}
+
+/** The start page's "Your conversations", from this browser's storage. */
+function showSaved() {
+  const saved = savedConversations();
+  $("saved").hidden = saved.length === 0;
+  $("saved-list").replaceChildren(
+    ...saved.map((item) => {
+      const link = document.createElement("a");
+      link.href = item.writeUrl ?? item.viewUrl ?? `/c/${encodeURIComponent(item.id)}`;
+      link.textContent = item.title || "Untitled conversation";
+      link.dataset.testid = "saved-link";
+      const role = document.createElement("span");
+      role.className = "badge";
+      role.textContent = item.writeUrl ? "can write" : "view only";
+      const forget = document.createElement("button");
+      forget.type = "button";
+      forget.className = "forget";
+      forget.textContent = "Forget";
+      forget.dataset.testid = "saved-forget";
+      forget.addEventListener("click", () => {
+        forgetConversation(item.id);
+        showSaved();
+      });
+      const row = document.createElement("li");
+      row.dataset.testid = "saved-item";
+      row.append(link, role, forget);
+      return row;
+    }),
+  );
 }
 
 // ---- conversation page -----------------------------------------------------------------
@@ -101,6 +145,7 @@ class ConversationPage {
 
   start() {
     $("conversation").hidden = false;
+    this.bindShare();
     this.bindComposer();
     this.bindScroll();
     this.bindFiles();
@@ -125,6 +170,8 @@ class ConversationPage {
       const answer = await this.api("");
       if (!answer.ok) return;
       const info = await answer.json();
+      this.title = info.title;
+      this.remember();
       $("title").textContent = info.title;
       document.title = `${info.title} · costream`;
       if (this.model.totalCostUsd == null && info.totalCostUsd != null) {
@@ -141,10 +188,10 @@ class ConversationPage {
   onWelcome(welcome) {
     this.welcomedAt ??= performance.now();
     this.role = welcome.role;
-    const model = $("model");
-    model.textContent = modelLabel(welcome.model, { short: true });
-    model.title = welcome.model === DEMO_MODEL ? modelLabel(welcome.model) : "The model answering";
-    model.classList.toggle("demo", welcome.model === DEMO_MODEL);
+    this.remember();
+    this.conversationModel = welcome.model;
+    this.showModel(this.stepModel ?? welcome.model);
+    $("share").hidden = false;
     this.showPresence(welcome.viewers);
     const viewer = welcome.role !== "writer";
     $("role").hidden = !viewer;
@@ -153,6 +200,58 @@ class ConversationPage {
     this.pending = false;
     this.pendingRunId = null;
     this.updateComposer();
+  }
+
+  /** The model badge: the model of the latest step (any producer), else the conversation's. */
+  showModel(name) {
+    const model = $("model");
+    model.textContent = modelLabel(name, { short: true });
+    model.title = name === DEMO_MODEL ? modelLabel(name) : "The model answering";
+    model.classList.toggle("demo", name === DEMO_MODEL);
+    model.hidden = !name;
+  }
+
+  /** Keep this conversation in the browser's list, with the link that opened it. */
+  remember() {
+    if (this.role === null) return;
+    const link = `${location.origin}/c/${encodeURIComponent(this.conversationId)}#t=${this.token}`;
+    saveConversation({
+      id: this.conversationId,
+      title: this.title,
+      [this.role === "writer" ? "writeUrl" : "viewUrl"]: link,
+    });
+  }
+
+  bindShare() {
+    const dialog = $("share-dialog");
+    $("share").addEventListener("click", () => this.openShare());
+    $("share-close").addEventListener("click", () => dialog.close());
+    dialog.addEventListener("click", (event) => {
+      if (event.target === dialog) dialog.close();
+    });
+    bindCopyButtons();
+  }
+
+  async openShare() {
+    const dialog = $("share-dialog");
+    const own = `${location.origin}/c/${encodeURIComponent(this.conversationId)}#t=${this.token}`;
+    const writer = this.role === "writer";
+    let viewUrl = writer ? (savedConversations().find((c) => c.id === this.conversationId)?.viewUrl ?? null) : own;
+    if (writer && viewUrl === null) {
+      try {
+        const answer = await this.api("/links");
+        if (answer.ok) viewUrl = (await answer.json()).viewUrl ?? null;
+      } catch {
+        // offline: the write link is still there to copy
+      }
+      if (viewUrl) saveConversation({ id: this.conversationId, viewUrl });
+    }
+    $("share-view-link").value = viewUrl ?? "";
+    $("share-view-link").closest(".share-row").hidden = viewUrl === null;
+    $("share-view-missing").hidden = viewUrl !== null;
+    $("share-write").hidden = !writer;
+    $("share-write-link").value = writer ? own : "";
+    if (!dialog.open) dialog.showModal();
   }
 
   onReset() {
@@ -164,6 +263,11 @@ class ConversationPage {
 
   onEvent(event) {
     this.model.apply(event);
+    const stepModel = event.type === "STEP_STARTED" ? event.metadata?.model : undefined;
+    if (stepModel && stepModel !== this.stepModel) {
+      this.stepModel = stepModel;
+      if (this.role !== null) this.showModel(stepModel);
+    }
     if (this.caughtUp && this.model.workspaceChanges !== this.filesSeen) this.refreshFilesSoon();
     this.scheduleRender();
   }
@@ -214,6 +318,10 @@ class ConversationPage {
     badge.dataset.state = shown;
     badge.textContent = labels[shown] ?? shown;
     badge.title = reason ?? "";
+    if (state === "offline" && this.client.stopCode === 4404) {
+      this.showNotFound();
+      return;
+    }
     const banner = $("banner");
     if (state === "offline" && reason && reason !== "closed") {
       banner.textContent = `Disconnected: ${reason}.`;
@@ -222,6 +330,16 @@ class ConversationPage {
       banner.hidden = true;
     }
     this.updateComposer();
+  }
+
+  /** An unknown (deleted, expired, mistyped) conversation: a clean page, nothing else. */
+  showNotFound() {
+    document.body.dataset.notFound = "true";
+    $("conversation").classList.add("missing");
+    $("not-found").hidden = false;
+    for (const id of ["composer", "view-only", "share", "jump-to-latest", "banner"]) $(id).hidden = true;
+    document.title = "Not found · costream";
+    forgetConversation(this.conversationId);
   }
 
   showPresence(viewers) {
@@ -494,12 +612,6 @@ class ConversationPage {
       }),
     };
   }
-}
-
-function formatSize(bytes) {
-  if (bytes < 1024) return `${bytes} B`;
-  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} kB`;
-  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 }
 
 function main() {

@@ -73,6 +73,7 @@ export class CostreamClient {
     this.mode = null; // the last welcome's: replay or snapshot
     this.state = "idle"; // connecting, live, reconnecting, offline (stopped)
     this.stopReason = null;
+    this.stopCode = null; // the close code that stopped the client for good
     this.socket = null;
     this.attempt = 0;
     this.retryTimer = null;
@@ -258,6 +259,7 @@ export class CostreamClient {
     const stop = STOP_CODES.get(code);
     if (stop !== undefined) {
       this.stopped = true;
+      this.stopCode = code;
       this.#setState("offline", reason || stop);
       return;
     }

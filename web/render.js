@@ -2,6 +2,7 @@
 // touched; each view remembers the version it drew, and streaming text is appended, not
 // re-set. Model text is only ever set through textContent or the Markdown sanitizer.
 
+import { drawFile, fileWrite } from "./fileview.js";
 import { renderMarkdownInto } from "./markdown.js";
 
 const LONG_RESULT_CHARS = 600;
@@ -170,6 +171,24 @@ export class Renderer {
         args.append(argsText);
         const result = el("div", { class: "tool-result", "data-testid": "tool-result" });
         result.hidden = true;
+        // A file being written: shown as the file, the arguments' JSON one click away.
+        const filePath = el("span", { class: "file-path", "data-testid": "file-card-path" });
+        const fileSize = el("span", { class: "file-size muted", "data-testid": "file-card-size" });
+        const fileBody = el("div", { class: "file-body markdown", "data-testid": "file-card-body" });
+        const toggle = el("button", {
+          type: "button",
+          class: "tool-toggle",
+          "data-testid": "tool-view-toggle",
+          text: "JSON",
+        });
+        const file = el(
+          "div",
+          { class: "file-card", "data-testid": "file-card" },
+          el("div", { class: "file-card-head" }, filePath, fileSize),
+          fileBody,
+        );
+        file.hidden = true;
+        toggle.hidden = true;
         const card = el(
           "div",
           { class: "tool-card", "data-testid": "tool-card" },
@@ -179,11 +198,13 @@ export class Renderer {
             el("span", { class: "tool-icon", "aria-hidden": "true", text: "⚙" }),
             name,
             status,
+            toggle,
           ),
+          file,
           args,
           result,
         );
-        return {
+        const view = {
           el: card,
           name,
           status,
@@ -193,8 +214,16 @@ export class Renderer {
           pretty: false,
           result,
           resultShown: null,
+          file: { el: file, path: filePath, size: fileSize, body: fileBody, markdown: {} },
+          toggle,
+          showJson: false,
           version: 0,
         };
+        toggle.addEventListener("click", () => {
+          view.showJson = !view.showJson;
+          showFileOrJson(view);
+        });
+        return view;
       }
       default:
         throw new Error(`no view for ${item.kind}`);
@@ -276,7 +305,7 @@ export class Renderer {
   }
 
   updateText(segment, view) {
-    renderMarkdownInto(view.el, segment.text, view.markdown);
+    renderMarkdownInto(view.el, segment.text, view.markdown, !segment.open);
     view.el.classList.toggle("streaming", segment.open && this.live);
   }
 
@@ -295,12 +324,25 @@ export class Renderer {
       view.argsText.data = prettyJson(segment.text);
       view.pretty = true;
     }
+    const file = fileWrite(segment.name, segment.text);
+    view.toggle.hidden = file === null;
+    if (file !== null) {
+      drawFile(view.file, file, segment.open);
+      showFileOrJson(view);
+    }
     if (segment.result !== null && view.resultShown !== segment.result) {
       view.resultShown = segment.result;
       view.result.replaceChildren(resultView(segment.result, segment.isError));
       view.result.hidden = false;
     }
   }
+}
+
+function showFileOrJson(view) {
+  view.file.el.hidden = view.showJson;
+  view.args.hidden = !view.showJson;
+  view.toggle.textContent = view.showJson ? "File" : "JSON";
+  view.toggle.setAttribute("aria-pressed", String(view.showJson));
 }
 
 function appendText(view, text) {

@@ -39,6 +39,14 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def _seal(view_token: bytes, write_token: str) -> bytes:
+    """The view token, readable only with the write token: XOR with a pad derived from the
+    write token (192 random bits, one pad per conversation, used once). So a writer can
+    share the view link later, and stored data alone reveals neither token."""
+    pad = hashlib.sha256(b"costream view token:" + write_token.encode()).digest()
+    return bytes(a ^ b for a, b in zip(view_token, pad, strict=True))
+
+
 @dataclass(frozen=True, slots=True)
 class Conversation:
     """A conversation's record."""
@@ -80,6 +88,7 @@ class Store:
                 "created_ms": str(created).encode(),
                 "view_token": _digest(view_token),
                 "write_token": _digest(write_token),
+                "view_token_sealed": _seal(view_token.encode(), write_token),
             },
         )
         conversation = Conversation(conversation_id, title, model, system, created, epoch)
@@ -112,6 +121,18 @@ class Store:
         if is_writer:
             return "writer"
         return "viewer" if is_viewer else None
+
+    async def view_token(self, conversation_id: str, write_token: str) -> str | None:
+        """The conversation's view token, for whoever holds its write token (None: not
+        the write token, or a conversation made before view tokens were sealed)."""
+        if await self.role_for(conversation_id, write_token) != "writer":
+            return None
+        record = await self.broker.get_record(conversation_id)
+        sealed = record.get("view_token_sealed") if record is not None else None
+        if record is None or sealed is None or len(sealed) != 32:
+            return None
+        token = _seal(sealed, write_token).decode("ascii", errors="replace")
+        return token if hmac.compare_digest(_digest(token), record.get("view_token", b"")) else None
 
     # ---- message history -----------------------------------------------------------
     async def append_messages(self, conversation_id: str, messages: list[SnapshotMessage]) -> None:

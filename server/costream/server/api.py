@@ -88,6 +88,21 @@ async def get_conversation(request: Request) -> Response:
 
 
 @api
+async def get_links(request: Request) -> Response:
+    """The conversation's share links that the caller's token may hand out: the view link
+    for anyone, the write link too for a writer (the token is the caller's own)."""
+    services, conversation, role = await authorize(request)
+    token = bearer_token(request) or ""
+    page = f"{str(request.base_url).rstrip('/')}/c/{conversation.id}#t="
+    if role != "writer":
+        return JSONResponse({"viewUrl": page + token, "writeUrl": None})
+    view_token = await services.store.view_token(conversation.id, token)
+    return JSONResponse(
+        {"viewUrl": page + view_token if view_token else None, "writeUrl": page + token}
+    )
+
+
+@api
 async def post_message(request: Request) -> Response:
     services, conversation, _ = await authorize(request, write=True)
     body = await read_json_body(request, services.settings.max_body_bytes)

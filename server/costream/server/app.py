@@ -164,6 +164,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", api.metrics),
         Route("/api/conversations", api.create_conversation, methods=["POST"]),
         Route(conversation, api.get_conversation),
+        Route(f"{conversation}/links", api.get_links),
         Route(f"{conversation}/messages", api.post_message, methods=["POST"]),
         Route(f"{conversation}/cancel", api.cancel_run, methods=["POST"]),
         Route(f"{conversation}/events", api.get_events),

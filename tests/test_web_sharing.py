@@ -1,0 +1,222 @@
+"""The page for the people in the room: sharing, the browser's list of conversations,
+code blocks, files written by tools, and the page of an unknown conversation.
+
+Headless Chromium against a real ``costream serve``; assertions read the DOM. Crafted
+events go through the page's test hook only where a real run cannot produce them on cue
+(a tool call cut mid-arguments)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.support.browser import WAIT_MS, create_conversation, page_errors, wait_idle
+from tests.support.ws import http
+
+pytestmark = pytest.mark.browser
+expect.set_options(timeout=WAIT_MS)
+
+STORY = (
+    "Tell me a long story about LLM streaming, write it to a file, make sure it has "
+    "multiple paragraphs."
+)
+
+
+def crafted(*events: dict[str, Any]) -> list[dict[str, Any]]:
+    """Number crafted events like a log would."""
+    return [
+        {"seq": i, "timestamp": 1_700_000_000_000 + i * 100, **e} for i, e in enumerate(events, 1)
+    ]
+
+
+def run_started(text: str) -> dict[str, Any]:
+    messages = [{"id": "u1", "role": "user", "content": text}]
+    return {
+        "type": "RUN_STARTED",
+        "threadId": "t",
+        "runId": "run-1",
+        "input": {"threadId": "t", "runId": "run-1", "messages": messages},
+    }
+
+
+def grant_clipboard(page: Page, url: str) -> None:
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+
+
+def clipboard(page: Page) -> str:
+    text: str = page.evaluate("() => navigator.clipboard.readText()")
+    return text
+
+
+def test_writer_shares_the_view_link_from_the_page_and_it_only_views(server, open_page):
+    """A writer who opened the write link (not the creator's browser) gets the view link
+    from the Share button; copied, it opens the conversation view-only."""
+    created = create_conversation(server.url)
+    writer = open_page(created["writeUrl"])
+    grant_clipboard(writer, server.url)
+    writer.get_by_test_id("share").click()
+    dialog = writer.get_by_test_id("share-dialog")
+    expect(dialog).to_be_visible()
+    expect(writer.get_by_test_id("share-view-link")).to_have_value(created["viewUrl"])
+    expect(writer.get_by_test_id("share-write-link")).to_have_value(created["writeUrl"])
+    expect(dialog).to_contain_text("share with care")
+    writer.get_by_test_id("share-copy-view").click()
+    expect(writer.get_by_test_id("share-copy-view")).to_have_text("Copied")
+    assert clipboard(writer) == created["viewUrl"]
+
+    viewer = open_page(clipboard(writer))
+    expect(viewer.get_by_test_id("role")).to_have_text("view only")
+    viewer.get_by_test_id("share").click()
+    expect(viewer.get_by_test_id("share-view-link")).to_have_value(created["viewUrl"])
+    expect(viewer.get_by_test_id("share-write")).to_be_hidden()
+    assert page_errors(writer) == [] and page_errors(viewer) == []
+
+
+def test_links_endpoint_gives_the_view_link_to_writers_and_nothing_more_to_viewers(server):
+    """GET .../links: a writer gets both links; a viewer only its own view link; a wrong
+    token 401."""
+    created = create_conversation(server.url)
+    url = f"{server.url}/api/conversations/{created['id']}/links"
+    status, links = http("GET", url, token=created["writeToken"])
+    assert status == 200
+    assert links == {"viewUrl": created["viewUrl"], "writeUrl": created["writeUrl"]}
+    status, links = http("GET", url, token=created["viewToken"])
+    assert status == 200
+    assert links == {"viewUrl": created["viewUrl"], "writeUrl": None}
+    status, answer = http("GET", url, token="not-a-token")
+    assert status == 401 and answer["error"]["code"] == "unauthorized"
+
+
+def test_conversations_are_listed_on_the_start_page_after_a_reload(server, open_page):
+    """The start page keeps the conversations this browser created or opened, with links
+    that open them; Forget removes one."""
+    page = open_page(server.url + "/", wait_live=False)
+    page.get_by_test_id("create-title").fill("Standup notes")
+    page.get_by_test_id("create-button").click()
+    expect(page.get_by_test_id("created")).to_be_visible()
+    other = create_conversation(server.url, title="Opened from a link")
+    page.goto(other["viewUrl"])
+    expect(page.get_by_test_id("connection")).to_have_text("live")
+    page.goto(server.url + "/")
+    page.reload()
+    items = page.get_by_test_id("saved-item")
+    expect(items).to_have_count(2)
+    expect(items.nth(0)).to_contain_text("Opened from a link")
+    expect(items.nth(0)).to_contain_text("view only")
+    expect(items.nth(1)).to_contain_text("Standup notes")
+    expect(items.nth(1)).to_contain_text("can write")
+
+    items.nth(1).get_by_test_id("saved-link").click()
+    expect(page.get_by_test_id("composer-input")).to_be_visible()
+    expect(page.get_by_test_id("title")).to_have_text("Standup notes")
+    page.goto(server.url + "/")
+    expect(items.nth(0)).to_contain_text("Standup notes")  # the one seen last comes first
+    items.filter(has_text="Opened from a link").get_by_test_id("saved-forget").click()
+    expect(page.get_by_test_id("saved-item")).to_have_count(1)
+    page.reload()
+    expect(page.get_by_test_id("saved-item")).to_have_count(1)
+    expect(page.get_by_test_id("saved-item")).to_contain_text("Standup notes")
+
+
+def test_code_block_is_highlighted_and_copied_as_plain_text(server, open_page):
+    """A fenced code block gets syntax colours once complete and a Copy button that copies
+    exactly its text; a script inside it stays text."""
+    created = create_conversation(server.url)
+    page = open_page(created["viewUrl"])
+    grant_clipboard(page, server.url)
+    code = 'def greet(name):\n    return f"<script>hi {name}</script>"\n'
+    text = f"Here:\n\n```python\n{code}```\n\nDone."
+    events = crafted(
+        run_started("code please"),
+        {"type": "STEP_STARTED", "stepName": "llm-1", "metadata": {"attempt": 1}},
+        {"type": "TEXT_MESSAGE_START", "messageId": "m1", "role": "assistant"},
+        {"type": "TEXT_MESSAGE_CONTENT", "messageId": "m1", "delta": text},
+        {"type": "TEXT_MESSAGE_END", "messageId": "m1"},
+    )
+    page.evaluate("(events) => window.__costream.apply(events)", events)
+    block = page.locator(".code-block")
+    expect(block).to_have_count(1)
+    expect(block.locator("code.hljs .hljs-keyword").first).to_have_text("def")
+    expect(block.locator("script")).to_have_count(0)
+    page.get_by_test_id("copy-code").click()
+    expect(page.get_by_test_id("copy-code")).to_have_attribute("data-copied", "true")
+    assert clipboard(page) == code
+    # The button's label is drawn by CSS: the message's text is still only the model's.
+    assert "Copy" not in page.get_by_test_id("content").inner_text()
+    assert page_errors(page) == []
+
+
+def test_a_file_being_written_shows_as_the_file_while_it_streams(server, open_page):
+    """write_file's arguments show as the file (path, content as Markdown) while they
+    stream, with the JSON one click away."""
+    created = create_conversation(server.url)
+    page = open_page(created["viewUrl"])
+    content = "# Notes\n\nFirst line with a \"quote\".\n\nSecond paragraph: é and 😀."
+    args = json.dumps({"path": "notes.md", "content": content}, ensure_ascii=False)
+    cut = args.index("Second")
+    head = crafted(
+        run_started("write notes"),
+        {"type": "STEP_STARTED", "stepName": "llm-1", "metadata": {"attempt": 1}},
+        {"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "write_file"},
+        {"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": args[:cut]},
+    )
+    page.evaluate("(events) => window.__costream.apply(events)", head)
+    card = page.get_by_test_id("file-card")
+    expect(card).to_be_visible()
+    expect(page.get_by_test_id("file-card-path")).to_have_text("notes.md")
+    expect(page.get_by_test_id("file-card-size")).to_have_text("writing…")
+    expect(card.locator("h1")).to_have_text("Notes")
+    expect(card).to_contain_text('First line with a "quote".')
+    expect(page.get_by_test_id("tool-args")).to_be_hidden()
+
+    rest = [
+        {"seq": 5, "type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": args[cut:]},
+        {"seq": 6, "type": "TOOL_CALL_END", "toolCallId": "c1"},
+    ]
+    page.evaluate("(events) => window.__costream.apply(events)", rest)
+    expect(card).to_contain_text("Second paragraph: é and 😀.")
+    size = len(content.encode())
+    expect(page.get_by_test_id("file-card-size")).to_have_text(f"{size} B")
+    page.get_by_test_id("tool-view-toggle").click()
+    expect(page.get_by_test_id("tool-args")).to_be_visible()
+    assert json.loads(page.get_by_test_id("tool-args").inner_text()) == json.loads(args)
+    expect(card).to_be_hidden()
+    assert page_errors(page) == []
+
+
+def test_the_demo_run_shows_its_story_file_as_a_file_card(start_server, open_page):
+    """A real demo run: the write_file card shows the story's path and paragraphs."""
+    server = start_server(env={"COSTREAM_DEMO_DELAY_MS": "1"})
+    created = create_conversation(server.url)
+    page = open_page(created["writeUrl"])
+    page.get_by_test_id("composer-input").fill(STORY)
+    page.get_by_test_id("composer-input").press("Enter")
+    wait_idle(page, runs=1)
+    card = page.get_by_test_id("file-card").first
+    path = page.get_by_test_id("file-card-path").first.inner_text()
+    status, text = http(
+        "GET",
+        f"{server.url}/api/conversations/{created['id']}/files/{path}",
+        token=created["viewToken"],
+    )
+    assert status == 200
+    first_paragraph = str(text).split("\n\n")[0].strip()
+    expect(card).to_contain_text(first_paragraph[:60])
+    assert page_errors(page) == []
+
+
+def test_unknown_conversation_shows_a_clean_not_found_page(server, open_page):
+    """A link to a conversation that does not exist says so, with no empty badges, no
+    composer and no file list."""
+    page = open_page(f"{server.url}/c/AAAAAAAAAAAAAAAAAAAAAA#t=whatever", wait_live=False)
+    expect(page.get_by_test_id("not-found")).to_be_visible()
+    expect(page.get_by_test_id("not-found-title")).to_have_text(
+        "This conversation does not exist"
+    )
+    for hidden in ("model", "presence", "files", "composer", "share", "banner"):
+        expect(page.get_by_test_id(hidden)).to_be_hidden()
+    assert page.title() == "Not found · costream"
+    assert page_errors(page) == []
