@@ -1,4 +1,5 @@
-"""The ``Broker`` contract, held against both brokers: memory, and Redis on a real redis-server.
+"""The ``Broker`` contract, held against every broker: memory, SQLite in a temporary data
+directory, and Redis on a real redis-server.
 
 With Redis, frames are produced through one broker and watched through another, as two
 server processes would.
@@ -19,6 +20,7 @@ from costream import protocol
 from costream.broker import Broker, RunLease
 from costream.broker.memory import MemoryBroker
 from costream.broker.redis import RedisBroker
+from costream.broker.sqlite import SqliteBroker
 from costream.errors import LeaseLost, RunActive, StorageUnavailable
 from costream.store import mint_id
 from tests.support.redis import RedisServer
@@ -58,7 +60,7 @@ class Listener:
 
 @dataclass
 class Pair:
-    """A producing broker and a watching one (the same object for the memory broker)."""
+    """A producing broker and a watching one (the same object for the embedded brokers)."""
 
     producer: Broker
     viewer: Broker
@@ -68,25 +70,27 @@ class Pair:
 OpenPair = Callable[..., Awaitable[Pair]]
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def open_pair(request: pytest.FixtureRequest) -> AsyncIterator[OpenPair]:
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def open_pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenPair]:
     """A factory of started broker pairs of the parametrized kind, closed after the test."""
     opened: list[Broker] = []
     url = request.getfixturevalue("redis_url") if request.param == "redis" else None
 
     def make(log_retain: int) -> Broker:
         broker: Broker
-        if url is None:
-            broker = MemoryBroker(log_retain=log_retain)
-        else:
+        if url is not None:
             broker = RedisBroker(url, log_retain=log_retain)
+        elif request.param == "sqlite":
+            broker = SqliteBroker(tmp_path / f"data-{len(opened)}", log_retain=log_retain)
+        else:
+            broker = MemoryBroker(log_retain=log_retain)
         opened.append(broker)
         return broker
 
     async def open_(log_retain: int = 10_000) -> Pair:
         listener = Listener()
         producer = make(log_retain)
-        viewer = producer if url is None else make(log_retain)
+        viewer = make(log_retain) if url is not None else producer
         if viewer is not producer:
             await producer.start(Listener().on_frame, Listener().on_resync)
         await viewer.start(listener.on_frame, listener.on_resync)
@@ -152,7 +156,7 @@ async def wait_for_lease_to_expire(broker: Broker, conversation_id: str) -> None
             await asyncio.sleep(0.01)
 
 
-# ---- both brokers --------------------------------------------------------------------
+# ---- every broker --------------------------------------------------------------------
 
 
 async def test_seq_starts_at_one_and_is_contiguous_across_a_run(pair: Pair) -> None:

@@ -220,51 +220,70 @@ def costream(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 
 class Watcher:
-    """A ``costream watch`` subprocess whose stdout is collected line by line."""
+    """A ``costream watch`` (or another command's) subprocess whose stdout and stderr are
+    collected line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(
+        self, *args: str, command: str = "watch", env: dict[str, str] | None = None
+    ) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "costream.cli", "watch", *args],
+            [sys.executable, "-m", "costream.cli", command, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "NO_COLOR": "1"},
+            env={**os.environ, "NO_COLOR": "1", **(env or {})},
         )
         self.lines: list[str] = []
+        self.error_lines: list[str] = []
         self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._readers = [
+            threading.Thread(
+                target=self._read, args=(self.process.stdout, self.lines), daemon=True
+            ),
+            threading.Thread(
+                target=self._read, args=(self.process.stderr, self.error_lines), daemon=True
+            ),
+        ]
+        for reader in self._readers:
+            reader.start()
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
+    def _read(self, stream: Any, into: list[str]) -> None:
+        for line in stream:
             with self._changed:
-                self.lines.append(line)
+                into.append(line)
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
 
-    def wait_for(self, needle: str, timeout: float = 60.0) -> None:
-        """Block until a line contains ``needle`` (or fail with what was printed)."""
+    def _wait(self, lines: list[str], needle: str, timeout: float) -> None:
         with self._changed:
             found = self._changed.wait_for(
-                lambda: (
-                    any(needle in line for line in self.lines) or self.process.poll() is not None
-                ),
+                lambda: any(needle in line for line in lines) or self.process.poll() is not None,
                 timeout,
             )
-        assert found and any(needle in line for line in self.lines), self.output()
+        assert found and any(needle in line for line in lines), self.output() + self.errors()
+
+    def wait_for(self, needle: str, timeout: float = 60.0) -> None:
+        """Block until a line of stdout contains ``needle`` (or fail with what was printed)."""
+        self._wait(self.lines, needle, timeout)
+
+    def wait_for_error(self, needle: str, timeout: float = 60.0) -> None:
+        """Block until a line of stderr contains ``needle``."""
+        self._wait(self.error_lines, needle, timeout)
 
     def interrupt(self) -> tuple[int, str]:
         """Ctrl-C; the exit code and stderr."""
         self.process.send_signal(signal.SIGINT)
         code = self.process.wait(30)
-        self._reader.join(10)
-        assert self.process.stderr is not None
-        return code, self.process.stderr.read()
+        for reader in self._readers:
+            reader.join(10)
+        return code, self.errors()
 
     def output(self) -> str:
         return "".join(self.lines)
+
+    def errors(self) -> str:
+        return "".join(self.error_lines)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -367,6 +386,117 @@ def test_watch_with_a_wrong_token_or_unknown_conversation_exits_with_the_reason(
     assert unknown.stderr.strip() == "costream watch: no such conversation (4404)"
     no_token = costream("watch", f"{server.url}/c/{links['id']}")
     assert no_token.returncode == 1 and "no token" in no_token.stderr
+
+
+def test_a_link_without_a_token_points_to_the_link_not_to_an_option_watch_lacks(
+    server: ServerProcess,
+) -> None:
+    """The hint for a link with no token asks for the link that ends in #t=<token>, and
+    offers no way of passing a token that the commands do not have."""
+    links = create(server)
+    for command in ("watch", "say", "cancel"):
+        args = [f"{server.url}/c/{links['id']}"] + (["hi"] if command == "say" else [])
+        done = costream(command, *args)
+        assert done.returncode == 1
+        assert "#t=<token>" in done.stderr, done.stderr
+        assert "pass the token" not in done.stderr and "--token" not in done.stderr
+
+
+def test_version_prints_the_package_version() -> None:
+    """``costream --version`` prints the installed package's version."""
+    from importlib.metadata import version
+
+    done = costream("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"costream {version('costream')}"
+
+
+def test_watch_says_where_it_is_and_who_comes_and_goes_on_stderr_only(
+    server: ServerProcess, watchers: list[Watcher]
+) -> None:
+    """On connecting, ``watch`` prints its role, how many watch and the model; then who
+    joins and leaves (``--no-presence`` hides it), all on stderr, so the stream on stdout
+    stays the same for every watcher."""
+    links = create(server)
+    ann = Watcher(links["view"], "--name", "Ann")
+    watchers.append(ann)
+    ann.wait_for_error("costream: connected as viewer · 1 watching · model costream/demo")
+    bob = Watcher(links["view"], "--name", "Bob")
+    watchers.append(bob)
+    bob.wait_for_error("connected as viewer · 2 watching (Ann) · model costream/demo")
+    ann.wait_for_error("costream: Bob (viewer) joined · 2 watching")
+    quiet = Watcher(links["view"], "--no-presence", env={"COSTREAM_NAME": "Dee"})
+    watchers.append(quiet)
+    quiet.wait_for_error("connected as viewer · 3 watching (Ann, Bob) · model")
+    ann.wait_for_error("costream: Dee (viewer) joined · 3 watching")
+    said = costream("say", links["write"], "--name", "Cy", STORY_PROMPT)
+    assert said.returncode == 0, said.stderr
+    ann.wait_for_error("Cy (writer) left")
+    for watcher in watchers:
+        watcher.wait_for("── run finished:")
+    assert ann.output() == bob.output() == quiet.output() == said.stdout
+    code, errors = bob.interrupt()
+    assert code == 0, errors
+    ann.wait_for_error("costream: Bob (viewer) left · 2 watching")
+    code, quiet_errors = quiet.interrupt()
+    assert code == 0
+    assert quiet_errors.splitlines() == [
+        "costream: connected as viewer · 3 watching (Ann, Bob) · model costream/demo"
+    ]
+
+
+def test_cancel_stops_the_run_under_way_and_says_when_nothing_runs(
+    start_server: Callable[..., ServerProcess], watchers: list[Watcher]
+) -> None:
+    """``costream cancel <write link>`` cancels the running run (RUN_FINISHED cancelled
+    for every viewer); with nothing running, or a view link, it fails and says why."""
+    slow = start_server(env={"COSTREAM_DEMO_DELAY_MS": "50"})
+    links = create(slow)
+    watcher = Watcher(links["view"], "--json")
+    watchers.append(watcher)
+    started = costream("say", links["write"], STORY_PROMPT, "--no-follow", "--json")
+    assert started.returncode == 0, started.stderr
+    run_id = json.loads(started.stdout)["runId"]
+    cancelled = costream("cancel", links["write"])
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.strip() == f"cancelled run {run_id}"
+    watcher.wait_for('"type":"RUN_FINISHED"')
+    finished = json.loads(watcher.lines[-1])
+    assert finished["runId"] == run_id and finished["outcome"]["type"] == "cancelled"
+    again = costream("cancel", links["write"])
+    assert again.returncode == 1
+    assert again.stderr.strip() == "costream cancel: nothing is running (no_run)"
+    viewer = costream("cancel", links["view"])
+    assert viewer.returncode == 1 and "view link" in viewer.stderr
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["run-goes-on", "cancel-on-interrupt"])
+def test_ctrl_c_on_say_says_the_run_goes_on_and_how_to_stop_it_or_cancels_it(
+    start_server: Callable[..., ServerProcess], watchers: list[Watcher], cancel: bool
+) -> None:
+    """Ctrl-C on ``say`` stops following (exit 130) and says the run goes on, with the
+    commands to watch and cancel it; with ``--cancel-on-interrupt`` it cancels the run."""
+    slow = start_server(env={"COSTREAM_DEMO_DELAY_MS": "20"})
+    links = create(slow)
+    watcher = Watcher(links["view"], "--json")
+    watchers.append(watcher)
+    flags = ["--cancel-on-interrupt"] if cancel else []
+    say = Watcher(links["write"], STORY_PROMPT, *flags, command="say")
+    watchers.append(say)
+    say.wait_for("THINKING: ")
+    code, errors = say.interrupt()
+    assert code == 130
+    watcher.wait_for('"type":"RUN_FINISHED"')
+    outcome = json.loads(watcher.lines[-1])["outcome"]["type"]
+    run_id = json.loads(watcher.lines[0])["runId"]
+    if cancel:
+        assert outcome == "cancelled"
+        assert errors.strip() == f"costream say: interrupted; cancelled run {run_id}"
+    else:
+        assert outcome == "success"
+        assert f"run {run_id} goes on on the server" in errors
+        assert f"costream cancel '{links['write']}'" in errors
+        assert f"costream watch '{links['write']}'" in errors
 
 
 def test_say_while_a_run_is_active_reports_run_active(

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 from litellm.types.utils import ModelResponseStream
 
-from costream.agent import demo
+from costream.agent import demo, demo_turns
 from costream.agent.tools import TOOL_SPECS
 from costream.protocol import Event
 from costream.segments import StepSegments
@@ -141,7 +141,7 @@ async def test_write_file_arguments_parse_as_a_multi_paragraph_story() -> None:
     paragraphs = arguments["content"].split("\n\n")
     assert len(paragraphs) == 5
     assert len(arguments["content"].split()) >= 300
-    assert arguments["content"] == demo.story(STORY_PROMPT)
+    assert arguments["content"] == demo_turns.story(STORY_PROMPT)
 
 
 async def test_usage_chunk_counts_a_token_per_four_characters() -> None:
@@ -261,7 +261,7 @@ async def test_anything_else_gets_thinking_and_the_help_text() -> None:
     chunks = await stream([{"role": "user", "content": "What's the weather like?"}])
 
     assert shape(chunks) == ["reasoning", "content", "finish:stop", "usage"]
-    assert joined(chunks, "content") == demo._HELP
+    assert joined(chunks, "content") == demo_turns.HELP
 
 
 async def test_content_parts_are_read_as_text() -> None:

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 from typing import Any
 
 import pytest
 
 from costream.client import CLOSE_ABNORMAL, connect
+from costream.config import Settings
 from costream.protocol import CLOSE_GOING_AWAY, RunFinished
+from costream.server.app import _maintain_once, create_app
+from costream.server.deps import Services
+from costream.server.hub import ViewerQueue
 from tests.support.front import Failover
+from tests.support.ready import until_ready
+from tests.support.redis import RedisServer
 from tests.support.ws import (
     TERMINAL,
     ahttp,
@@ -83,6 +90,7 @@ async def test_killed_producer_clients_resume_elsewhere_with_no_gap(
     env = {"COSTREAM_LEASE_TTL_MS": str(LEASE_TTL_MS)}
     producer = start_server(redis_url=redis_url, env={**env, "COSTREAM_DEMO_DELAY_MS": "20"})
     survivor = start_server(redis_url=redis_url, env=env)
+    await until_ready(producer, survivor)  # the bounds below are the run's, not start-up's
     conv = await create_conversation(producer.url)
     watcher = await open_session(survivor.ws_url(conv["id"]), conv["id"], conv["viewToken"])
     async with Failover([producer.port, survivor.port]) as front:
@@ -167,10 +175,14 @@ async def test_sigterm_ends_a_run_that_outlasts_the_grace_with_run_error(
 async def test_redis_restart_mid_run_ends_with_the_complete_log(
     start_server, redis_server: Any, redis_url: str
 ) -> None:  # type: ignore[no-untyped-def]
-    """Redis (append-only) down 3 s mid-run: the producer retries its appends, the run
-    finishes, and resuming clients on both processes end with the complete log."""
-    producer = start_server(redis_url=redis_url, env={"COSTREAM_DEMO_DELAY_MS": "5"})
-    other = start_server(redis_url=redis_url)
+    """Redis (append-only) down mid-run, until the producer has had to wait and retry: the
+    run rides it out and finishes, and resuming clients on both processes end with the
+    complete log."""
+    # A lease far longer than the outage, however slowly a loaded machine restarts Redis.
+    env = {"COSTREAM_LEASE_TTL_MS": "60000"}
+    producer = start_server(redis_url=redis_url, env={**env, "COSTREAM_DEMO_DELAY_MS": "20"})
+    other = start_server(redis_url=redis_url, env=env)
+    await until_ready(producer, other)
     conv = await create_conversation(producer.url)
     async with (
         connect(producer.ws_url(conv["id"]), conv["viewToken"]) as on_producer,
@@ -185,7 +197,9 @@ async def test_redis_restart_mid_run_ends_with_the_complete_log(
                 if text.startswith('{"seq":'):
                     texts_other.append(text)
         await asyncio.to_thread(redis_server.stop)
-        await asyncio.sleep(3)  # shorter than the lease ttl (10 s): the run rides it out
+        async with asyncio.timeout(60):  # the producer's next append finds Redis gone
+            while "storage unavailable: run" not in producer.log_text():
+                await asyncio.sleep(0.05)
         await asyncio.to_thread(redis_server.start)
         end = await _collect_until_run_ends(on_other, texts_other, timeout=60)
         await _collect_until_run_ends(on_producer, texts_producer, timeout=60)
@@ -194,7 +208,6 @@ async def test_redis_restart_mid_run_ends_with_the_complete_log(
     for texts in (texts_producer, texts_other):
         assert [_canonical(json.loads(text)) for text in texts] == log
     assert_well_formed([json.loads(text) for text in texts_other])
-    assert "storage unavailable: run" in producer.log_text()  # it did wait and retry
 
 
 async def test_redis_pause_disconnects_no_viewer(
@@ -276,3 +289,30 @@ async def test_presence_drops_the_viewers_of_a_killed_process(start_server, redi
     assert status == 200 and state["viewers"] == 1
     for session in (watcher, *doomed_viewers):
         await session.close()
+
+
+async def test_maintenance_sweep_in_a_redis_outage_logs_one_line(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With Redis down, one maintenance sweep over three followed conversations logs one
+    warning that counts them, with no traceback, instead of one line per conversation."""
+    app = create_app(Settings(redis_url=redis_server.url, data_dir=None))
+    services: Services = app.state.services
+    await services.broker.start(services.hub.on_frame, services.hub.on_resync)
+    try:
+        for conversation_id in ("a", "b", "c"):
+            await services.hub.attach(conversation_id, ViewerQueue(10, services.metrics))
+        await asyncio.to_thread(redis_server.stop)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="costream.server.app"):
+            await _maintain_once(services)
+        records = [r for r in caplog.records if r.name == "costream.server.app"]
+        assert [(r.levelname, r.getMessage(), r.exc_info) for r in records] == [
+            (
+                "WARNING",
+                "maintenance: storage unavailable for 3 of 3 conversations; will retry",
+                None,
+            )
+        ]
+    finally:
+        await services.broker.close()

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,15 @@ def _healthcheck(service: ComposeService, port: int) -> int:
     kind, *command = service.healthcheck
     assert kind == "CMD" and command[0] == "python", service.healthcheck
     command = [sys.executable, *(part.replace(":8000/", f":{port}/") for part in command[1:])]
-    return subprocess.run(command, timeout=30, check=False).returncode
+    return subprocess.run(command, timeout=30, check=False, capture_output=True).returncode
+
+
+def _until_healthy(service: ComposeService, port: int, timeout: float = 60.0) -> None:
+    """Run the healthcheck until it passes, as compose does (a replica answers /readyz 503
+    while it loads LiteLLM, longer on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while _healthcheck(service, port) != 0:
+        assert time.monotonic() < deadline, f"{service.name} never became healthy"
 
 
 def _viewers_metric(text: str) -> int:
@@ -92,7 +101,7 @@ async def test_compose_topology_serves_a_multi_viewer_session_through_the_front(
     try:
         for service in replicas:
             servers.append(_start_replica(service, redis_server.port, tmp_path))
-            assert _healthcheck(service, servers[-1].port) == 0
+            _until_healthy(service, servers[-1].port)
         front = start_nginx([server.port for server in servers])
 
         conv = await create_conversation(front.url)

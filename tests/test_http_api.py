@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.ready import until_ready
 from tests.support.servers import ServerProcess
 from tests.support.ws import ahttp, assert_well_formed, create_conversation, http
 
@@ -100,6 +101,56 @@ async def test_sse_streams_log_then_live_with_ids(server: ServerProcess) -> None
     received = await asyncio.to_thread(read_sse, len(events) - 4, 4)
     assert [e for _, e in received] == events[4:]
     assert [i for i, _ in received] == [e["seq"] for e in events[4:]]
+
+
+def _read_sse(url: str, token: str, count: int, last_event_id: int) -> list[tuple[int, Any]]:
+    """The first ``count`` SSE events (id, data) after ``last_event_id``; fewer if it ends."""
+    request = urllib.request.Request(url)
+    request.add_header("Accept", "text/event-stream")
+    request.add_header("Authorization", f"Bearer {token}")
+    request.add_header("Last-Event-ID", str(last_event_id))
+    received: list[tuple[int, Any]] = []
+    with urllib.request.urlopen(request, timeout=30) as stream:
+        event_id = 0
+        for raw in stream:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("id: "):
+                event_id = int(line[4:])
+            elif line.startswith("data: "):
+                received.append((event_id, json.loads(line[6:])))
+                if len(received) == count:
+                    break
+    return received
+
+
+async def test_events_after_trimmed_ones_start_with_the_snapshot(start_server: Any) -> None:
+    """When the events after ?after / Last-Event-ID were trimmed (or it is past the head),
+    SSE and the JSON endpoint answer as a WebSocket does: the latest MESSAGES_SNAPSHOT,
+    then the events after it."""
+    server = start_server(env={"COSTREAM_LOG_RETAIN": "20"})
+    conv = await create_conversation(server.url)
+    base = f"{server.url}/api/conversations/{conv['id']}"
+    status, _ = await ahttp(
+        "POST", f"{base}/messages", body={"content": STORY}, token=conv["writeToken"]
+    )
+    assert status == 202
+    async with asyncio.timeout(60):
+        while (await ahttp("GET", base, token=conv["viewToken"]))[1]["status"] != "idle":
+            await asyncio.sleep(0.05)
+    _, info = await ahttp("GET", base, token=conv["viewToken"])
+
+    _, answer = await ahttp("GET", f"{base}/events?after=0", token=conv["viewToken"])
+    snapshot = answer[0]
+    assert snapshot["type"] == "MESSAGES_SNAPSHOT" and snapshot["seq"] == info["head"]
+    assert snapshot["messages"][0]["role"] == "user" and len(snapshot["messages"]) > 2
+    assert info["head"] > 20 and answer[1:] == []  # the run ended: the snapshot covers it all
+    _, ahead = await ahttp(
+        "GET", f"{base}/events?after={info['head'] + 5}", token=conv["viewToken"]
+    )
+    assert ahead == [snapshot]  # after > head: the client's log is not this one
+
+    received = await asyncio.to_thread(_read_sse, f"{base}/events", conv["viewToken"], 1, 0)
+    assert received == [(info["head"], snapshot)]
 
 
 async def test_files_endpoint_lists_and_serves_workspace(server: ServerProcess) -> None:
@@ -222,10 +273,11 @@ def test_create_key_is_required_when_configured(start_server) -> None:  # type: 
     assert "operator-secret" not in guarded.log_text()
 
 
-def test_health_ready_and_metrics(server: ServerProcess) -> None:
-    """/healthz and /readyz answer 200; /metrics is Prometheus text with our counters."""
+async def test_health_ready_and_metrics(server: ServerProcess) -> None:
+    """/healthz answers 200 at once, /readyz 200 once the server is ready (LiteLLM loaded);
+    /metrics is Prometheus text with our counters."""
     assert http("GET", f"{server.url}/healthz")[0] == 200
-    assert http("GET", f"{server.url}/readyz")[0] == 200
+    await until_ready(server)
     status, text = http("GET", f"{server.url}/metrics")
     assert status == 200
     for name in (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -11,7 +12,7 @@ from costream import protocol
 from costream.broker import RunLease
 from costream.broker.memory import MemoryBroker
 from costream.metrics import Metrics
-from costream.server.hub import FellBehind, Follower, Hub
+from costream.server.hub import FellBehind, Follower, Hub, ViewerQueue
 from costream.store import mint_id
 
 
@@ -146,3 +147,38 @@ async def test_catch_up_after_overflow_is_served_from_memory(hub: Hub) -> None:
 
         hub.broker.read_log = unavailable  # type: ignore[method-assign]
         assert await _drain(follower, 41) == list(range(2, 42))
+
+
+class _NetworkLikeBroker(MemoryBroker):
+    """The memory broker, with an unsubscribe that completes only when the test lets it,
+    as a network broker's does (its reply is awaited): what opens the window in the hub."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unsubscribing = asyncio.Event()
+        self.let_unsubscribe = asyncio.Event()
+
+    async def unsubscribe(self, conversation_id: str) -> None:
+        self.unsubscribing.set()
+        await self.let_unsubscribe.wait()
+        await super().unsubscribe(conversation_id)
+
+
+async def test_viewer_arriving_while_the_last_one_leaves_stays_subscribed() -> None:
+    """A follower attaching while the last follower's unsubscribe is under way gets live frames."""
+    broker = _NetworkLikeBroker()
+    hub = Hub(broker, Metrics())
+    await broker.start(hub.on_frame, hub.on_resync)
+    conversation_id, lease = await _run(hub)
+    leaving, arriving = ViewerQueue(10, hub.metrics), ViewerQueue(10, hub.metrics)
+    await hub.attach(conversation_id, leaving)
+    detach = asyncio.create_task(hub.detach(conversation_id, leaving))
+    await broker.unsubscribing.wait()
+    attach = asyncio.create_task(hub.attach(conversation_id, arriving))
+    await asyncio.sleep(0)  # let the arrival reach the hub while the unsubscribe is pending
+    broker.let_unsubscribe.set()
+    await asyncio.gather(detach, attach)
+    assert hub.conversations() == [conversation_id]
+    await broker.append(lease, [_delta(1)])
+    assert [json.loads(frame)["seq"] for frame in arriving.frames] == [2]
+    await broker.close()

@@ -548,10 +548,11 @@ async def test_the_events_endpoint_refuses_run_boundaries_and_a_second_run(
 
 
 def test_importing_the_publisher_loads_neither_the_server_nor_litellm_nor_redis() -> None:
-    """An agent's process pays for what it uses: no Starlette, no LiteLLM, no redis."""
+    """An agent's process pays for what it uses: no Starlette, no LiteLLM, no redis, no
+    OpenHands (its events are read by attribute)."""
     check = (
         "import sys, costream.publisher; "
-        "print(sorted({'starlette', 'litellm', 'redis', 'uvicorn'} & set(sys.modules)))"
+        "print(sorted({'starlette', 'litellm', 'redis', 'uvicorn', 'openhands'} & set(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

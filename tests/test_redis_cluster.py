@@ -17,6 +17,7 @@ from costream.broker import RunLease
 from costream.broker.redis import RedisBroker
 from costream.errors import StorageUnavailable
 from costream.store import mint_id
+from tests.support.ready import until_ready
 from tests.support.redis_cluster import RedisCluster
 from tests.support.servers import ServerProcess
 from tests.support.ws import assert_well_formed, create_conversation, open_session
@@ -149,8 +150,17 @@ async def test_killed_sharded_pubsub_connections_resync_and_frames_keep_arriving
 ) -> None:
     """CLIENT KILL TYPE pubsub on every master: each conversation is resynced, later frames arrive."""
     producer, viewer, listener = cluster_pair.producer, cluster_pair.viewer, cluster_pair.listener
-    ids = await new_conversations(producer, 9)
+    # Three conversations on each master (random ids leave one without any in 8% of runs),
+    # so every master has a pub/sub connection of the viewer to kill.
+    by_master: dict[int, list[str]] = {port: [] for port in redis_cluster.ports}
+    while any(len(held) < 3 for held in by_master.values()):
+        conversation_id = mint_id()
+        held = by_master[redis_cluster.node_holding(live_channel(conversation_id))]
+        if len(held) < 3:
+            held.append(conversation_id)
+    ids = [conversation_id for held in by_master.values() for conversation_id in held]
     for conversation_id in ids:
+        await producer.create_conversation(conversation_id, {"title": b"cluster"})
         await viewer.subscribe(conversation_id)
     leases = [await start(producer, conversation_id) for conversation_id in ids]
     await listener.until(lambda: all(len(listener.logged(c)) == 1 for c in ids))
@@ -267,6 +277,7 @@ async def test_viewers_on_another_process_get_the_writers_log_for_every_conversa
     ends, and each viewer's log is complete, well-formed and byte-identical to the writer's."""
     a = start_server(redis_url=redis_cluster.url, env={"COSTREAM_DEMO_DELAY_MS": "1"})
     b = start_server(redis_url=redis_cluster.url)
+    await until_ready(a, b)
     conversations = [await create_conversation(a.url) for _ in range(6)]
 
     async def watch_and_write(index: int, conv: dict[str, str]) -> tuple[list[str], list[str]]:

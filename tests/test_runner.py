@@ -39,6 +39,7 @@ from tests.support.llm_server import (
     tool_call,
     usage,
 )
+from tests.support.processes import free_port
 from tests.support.servers import ServerProcess
 from tests.support.ws import (
     Session,
@@ -438,6 +439,56 @@ async def test_cancel_mid_stream_closes_segments_and_a_new_message_is_accepted(
     ]
 
 
+async def test_a_cancelled_run_counts_the_tokens_it_streamed(
+    llm_server: LLMServer, start_server: StartServer
+) -> None:
+    """Cancelled before the usage chunk: the step, the run and the conversation count the
+    tokens of the request and of the partial answer (estimated), not 0."""
+    llm_server.enqueue(
+        hang(content("A partial answer of several words "), content("never sent"), after=1)
+    )
+    server = start_server(env=llm_env(llm_server, COSTREAM_LLM_TIMEOUT_S="60"))
+    conversation, session = await writer_session(server)
+    await session.send({"type": "message", "content": "tell me a long story"})
+    await session.until("TEXT_MESSAGE_CONTENT")
+    await session.send({"type": "cancel"})
+    end = await session.until_run_ends()
+
+    assert end["type"] == "RUN_FINISHED" and end["outcome"]["type"] == "cancelled"
+    step = [e for e in session.events() if e["type"] == "STEP_FINISHED"][-1]
+    assert step["metadata"]["finishReason"] == "cancelled"
+    usage = step["metadata"]["usage"]
+    assert usage["inputTokens"] > 0 and 3 <= usage["outputTokens"] <= 20
+    assert step["metadata"]["costUsd"] > 0
+    assert end["usage"][0]["outputTokens"] == usage["outputTokens"]
+    status, info = await ahttp(
+        "GET",
+        f"{server.url}/api/conversations/{conversation['id']}",
+        token=conversation["viewToken"],
+    )
+    assert status == 200 and info["usage"]["outputTokens"] == usage["outputTokens"]
+    assert info["totalCostUsd"] > 0
+
+
+async def test_an_llm_at_a_closed_port_fails_saying_the_connection_was_refused(
+    start_server: StartServer,
+) -> None:
+    """LLM_BASE_URL where nothing listens: RUN_ERROR upstream says the connection was
+    refused, not an HTTP status nobody sent."""
+    env = {
+        "LLM_MODEL": "openai/gpt-4o-mini",
+        "LLM_API_KEY": API_KEY,
+        "LLM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1",
+        "COSTREAM_RETRY_BACKOFF_S": "0.01",
+    }
+    server = start_server(env=env)
+    _, _, events = await run_message(server)
+
+    assert events[-1]["type"] == "RUN_ERROR" and events[-1]["code"] == "upstream"
+    assert "connection refused" in events[-1]["message"]
+    assert "HTTP" not in events[-1]["message"]
+
+
 # ---- in process: callbacks, reaping, shutdown ----------------------------------------------
 
 
@@ -644,6 +695,28 @@ async def test_a_cancel_requested_by_another_process_stops_the_run(
     assert events[-1]["type"] == "RUN_FINISHED"
     assert events[-1]["outcome"]["type"] == "cancelled"
     assert steps(events)[-1] == ("STEP_FINISHED", "llm-1", "cancelled")
+
+
+async def test_a_cancel_during_a_retry_backoff_ends_the_run_at_once(
+    llm_server: LLMServer, litellm_warmed: None
+) -> None:
+    """A cancel while the run waits out a long backoff cuts the wait short: the run ends
+    cancelled without calling the LLM again."""
+    llm_server.enqueue(error(500), text("never asked for"))
+    settings = local_settings(llm_server, retry_backoff_s=60)
+    async with Local(settings) as local:
+        conversation_id = await local.conversation()
+        await local.runs.start(conversation_id, "go")
+        await local.until("STEP_FINISHED")
+        started = asyncio.get_running_loop().time()
+        await local.runs.cancel(conversation_id)
+        events = await local.until_run_ends()
+        assert asyncio.get_running_loop().time() - started < 5
+
+    assert events[-1]["type"] == "RUN_FINISHED"
+    assert events[-1]["outcome"]["type"] == "cancelled"
+    assert steps(events) == [("STEP_STARTED", "llm-1", 1), ("STEP_FINISHED", "llm-1", "retry")]
+    assert len(llm_server.requests) == 1
 
 
 async def test_a_silent_stream_ends_in_timeout_after_the_retries(llm_server: LLMServer) -> None:

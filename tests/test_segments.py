@@ -22,7 +22,7 @@ from costream.protocol import (
     TextMessageStart,
     ToolCallArgs,
 )
-from costream.segments import DeltaMerger, StepSegments
+from costream.segments import DeltaMerger, StepSegments, merge_key
 
 # Building LiteLLM's types makes pydantic warn about ReadOnly TypedDict items;
 # pyproject turns warnings into errors.
@@ -662,3 +662,16 @@ async def test_empty_push_sends_nothing() -> None:
     await merger.aclose()
 
     assert sink.batches == []
+
+
+def test_deltas_merge_only_within_one_segment_of_one_kind() -> None:
+    """The merge key (used by the merger and the publisher's queue) is the segment: a
+    reasoning and a text delta that share an id are two segments, as are two ids."""
+    assert merge_key(content("t", "a")) == merge_key(content("t", "b"))
+    assert merge_key(content("t", "a")) != merge_key(content("u", "a"))
+    assert merge_key(content("t", "a")) != merge_key(
+        ReasoningMessageContent(message_id="t", delta="a")
+    )
+    assert merge_key(ToolCallArgs(tool_call_id="c", delta="{")) == merge_key(
+        ToolCallArgs(tool_call_id="c", delta="}")
+    )

@@ -248,10 +248,11 @@ def test_composer_sends_on_enter_and_shift_enter_adds_a_line(server, open_page):
 
 
 def test_connection_badge_says_reconnecting_then_offline_when_the_conversation_is_gone(
-    server, open_page
+    start_server, open_page
 ):
     """Server down: 'reconnecting…'; back up without the conversation (memory broker):
     'offline', and the page says the conversation does not exist."""
+    server = start_server(args=["--memory"])
     created = create_conversation(server.url)
     page = open_page(created["viewUrl"])
     badge = page.get_by_test_id("connection")

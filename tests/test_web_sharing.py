@@ -8,6 +8,7 @@ events go through the page's test hook only where a real run cannot produce them
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from tests.support.ws import http
 
 pytestmark = pytest.mark.browser
 expect.set_options(timeout=WAIT_MS)
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
 
 STORY = (
     "Tell me a long story about LLM streaming, write it to a file, make sure it has "
@@ -154,7 +156,7 @@ def test_a_file_being_written_shows_as_the_file_while_it_streams(server, open_pa
     stream, with the JSON one click away."""
     created = create_conversation(server.url)
     page = open_page(created["viewUrl"])
-    content = "# Notes\n\nFirst line with a \"quote\".\n\nSecond paragraph: é and 😀."
+    content = '# Notes\n\nFirst line with a "quote".\n\nSecond paragraph: é and 😀.'
     args = json.dumps({"path": "notes.md", "content": content}, ensure_ascii=False)
     cut = args.index("Second")
     head = crafted(
@@ -213,10 +215,136 @@ def test_unknown_conversation_shows_a_clean_not_found_page(server, open_page):
     composer and no file list."""
     page = open_page(f"{server.url}/c/AAAAAAAAAAAAAAAAAAAAAA#t=whatever", wait_live=False)
     expect(page.get_by_test_id("not-found")).to_be_visible()
-    expect(page.get_by_test_id("not-found-title")).to_have_text(
-        "This conversation does not exist"
-    )
-    for hidden in ("model", "presence", "files", "composer", "share", "banner"):
+    expect(page.get_by_test_id("not-found-title")).to_have_text("This conversation does not exist")
+    for hidden in (
+        "model",
+        "presence",
+        "people",
+        "name-button",
+        "files",
+        "composer",
+        "share",
+        "banner",
+    ):
         expect(page.get_by_test_id(hidden)).to_be_hidden()
     assert page.title() == "Not found · costream"
     assert page_errors(page) == []
+
+
+# ---- who is here ---------------------------------------------------------------------
+
+
+def set_name(page: Page, name: str) -> None:
+    """Set the page's name through its "Your name" dialog, as a person would."""
+    page.get_by_test_id("name-button").click()
+    page.get_by_test_id("name-input").fill(name)
+    page.get_by_test_id("name-save").click()
+    expect(page.get_by_test_id("name-dialog")).to_be_hidden()
+
+
+def avatars(page: Page) -> list[str]:
+    """The initials of the avatars in the header, in order."""
+    return list(page.get_by_test_id("people").get_by_test_id("avatar").all_inner_texts())
+
+
+def test_three_pages_on_two_processes_see_who_is_watching_by_name(
+    start_server, redis_url, open_page
+):
+    """With Redis, three pages on two server processes see the same people, with
+    initials in join order and each name in a title; a name set once is remembered after
+    a reload."""
+    one = start_server(redis_url=redis_url)
+    two = start_server(redis_url=redis_url)
+    created = create_conversation(one.url)
+    ann = open_page(created["writeUrl"])
+    set_name(ann, "Ann Lee")
+    bob = open_page(created["viewUrl"].replace(one.url, two.url))
+    set_name(bob, "Bob")
+    anonymous = open_page(created["viewUrl"])
+    for page in (ann, bob, anonymous):
+        expect(page.get_by_test_id("presence")).to_have_text("3 watching")
+        expect(page.get_by_test_id("people").get_by_test_id("avatar")).to_have_count(3)
+    assert sorted(avatars(anonymous)) == ["?", "AL", "B"]
+    titles = anonymous.get_by_test_id("avatar").evaluate_all("els => els.map(e => e.title)")
+    assert "Ann Lee (can write)" in titles and "Bob" in titles
+    expect(bob.locator(".avatar.you")).to_have_text("B")
+
+    ann.reload()
+    expect(ann.get_by_test_id("name-button")).to_have_text("Ann Lee")
+    expect(bob.get_by_test_id("presence")).to_have_text("3 watching")
+    expect(bob.get_by_test_id("people").get_by_title("Ann Lee (can write)")).to_have_count(1)
+    for page in (ann, bob, anonymous):
+        assert page_errors(page) == []
+
+
+def test_a_name_with_html_in_it_is_shown_as_text_everywhere(server, open_page):
+    """A name with markup is shown as the characters typed, in the header and on a user
+    message, and never runs or becomes elements."""
+    created = create_conversation(server.url)
+    watcher = open_page(created["viewUrl"])
+    mallory = open_page(created["viewUrl"])
+    payload = "<img src=x onerror=window.pwned=1>"
+    set_name(mallory, payload)
+    expect(watcher.get_by_test_id("people").get_by_test_id("avatar")).to_have_count(2)
+    expect(watcher.get_by_test_id("people").get_by_title(payload)).to_have_count(1)
+    assert watcher.get_by_test_id("people").locator("img").count() == 0
+
+    started = run_started("hello from a name")
+    started["input"]["messages"][0]["name"] = payload
+    watcher.evaluate("(events) => window.__costream.apply(events)", crafted(started))
+    expect(watcher.get_by_test_id("user-name")).to_have_text(payload)
+    expect(watcher.get_by_test_id("user-message")).to_have_text("hello from a name")
+    assert watcher.locator("[data-testid=log] img").count() == 0
+    assert watcher.evaluate("() => window.pwned") is None
+    assert page_errors(watcher) == [] and page_errors(mallory) == []
+
+
+def test_each_user_message_shows_its_sender_in_the_senders_presence_colour(server, open_page):
+    """A user message with a sender shows the name and initials in the colour presence
+    gives that name; one without a sender shows no name."""
+    created = create_conversation(server.url)
+    zoe = open_page(created["viewUrl"])
+    set_name(zoe, "Zoë")
+    expect(zoe.locator(".avatar.you")).to_have_text("Z")
+    presence_colour = zoe.locator(".avatar.you").evaluate("e => e.style.backgroundColor")
+    named = run_started("first")
+    named["input"]["messages"][0]["name"] = "Zoë"
+    unnamed = {**run_started("second"), "runId": "run-2"}
+    finished = {
+        "type": "RUN_FINISHED",
+        "threadId": "t",
+        "runId": "run-1",
+        "outcome": {"type": "success"},
+        "usage": [],
+        "metadata": {},
+    }
+    zoe.evaluate("(events) => window.__costream.apply(events)", crafted(named, finished, unnamed))
+    runs = zoe.get_by_test_id("run")
+    expect(runs).to_have_count(2)
+    expect(runs.nth(0).get_by_test_id("user-name")).to_have_text("Zoë")
+    avatar_colour = runs.nth(0).get_by_test_id("avatar").evaluate("e => e.style.backgroundColor")
+    assert avatar_colour == presence_colour
+    expect(runs.nth(1).get_by_test_id("user-name")).to_be_hidden()
+    assert page_errors(zoe) == []
+
+
+def test_screenshot_of_a_story_mid_stream_with_people_and_a_file_card(start_server, open_page):
+    """Saves docs/screenshot.png for the README: three named people watching a demo story
+    while its file is being written."""
+    server = start_server(env={"COSTREAM_DEMO_DELAY_MS": "40"})
+    created = create_conversation(server.url, title="A story about streaming")
+    writer = open_page(created["writeUrl"], viewport={"width": 1200, "height": 760})
+    set_name(writer, "Ada")
+    for name in ("Grace", "Linus"):
+        set_name(open_page(created["viewUrl"]), name)
+    expect(writer.get_by_test_id("presence")).to_have_text("3 watching")
+    writer.get_by_test_id("composer-input").fill(STORY)
+    writer.get_by_test_id("composer-input").press("Enter")
+    card = writer.get_by_test_id("file-card").first
+    expect(card).to_be_visible()
+    expect(card).to_contain_text("Behind the glass")  # well into the story's text
+    expect(writer.get_by_test_id("file-card-size")).to_have_text("writing…")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    writer.screenshot(path=str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 10_000
+    assert page_errors(writer) == []

@@ -309,6 +309,54 @@ async def test_second_hello_and_unknown_type_later_are_closed_4400(server: Serve
         assert await close_code(session.ws) == 4400
 
 
+async def test_binary_frame_first_or_later_is_closed_4400(server: ServerProcess) -> None:
+    """A binary frame, as the first frame or after welcome, closes 4400 (text frames only)."""
+    conv = await create_conversation(server.url)
+    ws = await _raw(server, conv["id"])
+    await ws.send(b'{"type":"ping"}')
+    assert await close_code(ws) == 4400
+    session = await open_session(server.ws_url(conv["id"]), conv["id"], conv["viewToken"])
+    await session.ws.send(b'{"type":"ping"}')
+    assert await close_code(session.ws) == 4400
+
+
+async def test_viewer_not_reading_is_closed_4008_after_the_send_timeout(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A viewer whose socket takes no data for ``send_timeout_s`` is closed 4008; the
+    writer of the same conversation keeps its connection."""
+    busy = start_server(
+        env={
+            "COSTREAM_FLUSH_MS": "0",
+            "COSTREAM_SEND_TIMEOUT_S": "1",
+            "COSTREAM_VIEWER_QUEUE": "16",
+            "COSTREAM_SEND_BUFFER_BYTES": "8192",
+        }
+    )
+    conv = await create_conversation(busy.url)
+    url = busy.ws_url(conv["id"])
+    async with StallingProxy(busy.port) as proxy:
+        stalled = await open_session(
+            url.replace(f":{busy.port}/", f":{proxy.port}/"),
+            conv["id"],
+            conv["viewToken"],
+            compression=None,
+        )
+        proxy.pause()
+        writer = await open_session(url, conv["id"], conv["writeToken"])
+        # Runs until the stalled viewer's queue overflowed: by then its sends are stuck
+        # behind full buffers (the sockets' and the WebSocket's, some 100 KB).
+        for _ in range(5):
+            await writer.send({"type": "message", "content": STORY})
+            assert (await writer.until_run_ends())["type"] == "RUN_FINISHED"
+            if await _catch_ups(busy) >= 1:
+                break
+        await asyncio.sleep(2.5)  # past the send timeout, with the viewer's sends stuck
+        proxy.resume()
+        assert await close_code(stalled.ws, timeout=30) == 4008
+        await writer.send({"type": "ping"})
+        assert (await writer.until("pong"))["type"] == "pong"
+        await writer.close()
+
+
 async def test_no_hello_in_time_is_closed_4400(start_server) -> None:  # type: ignore[no-untyped-def]
     """A client that sends nothing is closed 4400 after the hello timeout."""
     quick = start_server(env={"COSTREAM_HELLO_TIMEOUT_S": "0.5"})

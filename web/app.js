@@ -5,6 +5,7 @@
 import { CostreamClient } from "./client.js";
 import { formatSize } from "./fileview.js";
 import { ConversationModel } from "./model.js";
+import { bindNameDialog, showPeople, storedName } from "./people.js";
 import { formatCost, Renderer } from "./render.js";
 import { forgetConversation, savedConversations, saveConversation } from "./saved.js";
 
@@ -140,12 +141,14 @@ class ConversationPage {
       onControl: (frame) => this.onControl(frame),
       onState: (state, reason) => this.onState(state, reason),
       onCaughtUp: () => this.catchUp(),
+      name: storedName(),
     });
   }
 
   start() {
     $("conversation").hidden = false;
     this.bindShare();
+    bindNameDialog(document, (name) => this.client.setName(name));
     this.bindComposer();
     this.bindScroll();
     this.bindFiles();
@@ -192,7 +195,8 @@ class ConversationPage {
     this.conversationModel = welcome.model;
     this.showModel(this.stepModel ?? welcome.model);
     $("share").hidden = false;
-    this.showPresence(welcome.viewers);
+    this.viewerId = welcome.viewerId ?? null;
+    this.showPresence(welcome.viewers, welcome.people);
     const viewer = welcome.role !== "writer";
     $("role").hidden = !viewer;
     $("view-only").hidden = !viewer;
@@ -287,7 +291,7 @@ class ConversationPage {
   onControl(frame) {
     switch (frame.type) {
       case "presence":
-        this.showPresence(frame.viewers);
+        this.showPresence(frame.viewers, frame.people);
         break;
       case "accepted":
         // The reply can overtake RUN_STARTED: stay busy until the run is on the page.
@@ -337,16 +341,18 @@ class ConversationPage {
     document.body.dataset.notFound = "true";
     $("conversation").classList.add("missing");
     $("not-found").hidden = false;
-    for (const id of ["composer", "view-only", "share", "jump-to-latest", "banner"]) $(id).hidden = true;
+    for (const id of ["composer", "view-only", "share", "jump-to-latest", "banner", "name-button", "people"])
+      $(id).hidden = true;
     document.title = "Not found · costream";
     forgetConversation(this.conversationId);
   }
 
-  showPresence(viewers) {
+  showPresence(viewers, people) {
     const n = Number(viewers) || 0;
     const presence = $("presence");
     presence.textContent = `${n} watching`;
     presence.dataset.viewers = String(n);
+    showPeople($("people"), people, n, this.viewerId);
   }
 
   showTotal() {

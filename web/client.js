@@ -58,9 +58,11 @@ export class CostreamClient {
     onState = () => {},
     onCaughtUp = () => {},
     apiBase = null,
+    name = null,
   }) {
     this.conversationId = conversationId;
     this.token = token;
+    this.name = name; // the display name sent in hello; null: unnamed
     this.url = url ?? CostreamClient.defaultUrl(conversationId);
     this.handlers = { onEvent, onReset, onWelcome, onControl, onState, onCaughtUp };
     this.apiBase = apiBase ?? `/api/conversations/${encodeURIComponent(conversationId)}`;
@@ -103,6 +105,12 @@ export class CostreamClient {
     removeEventListener("online", this.onOnline);
     if (this.socket) this.socket.close(1000, "bye");
     this.#setState("offline", "closed");
+  }
+
+  /** Go by another name: the connection resumes at once with it (others see the change). */
+  setName(name) {
+    this.name = name;
+    if (this.socket) this.socket.close(CLOSE_RESUME, "new name");
   }
 
   /** Start a run (writer only). False when not connected. */
@@ -150,6 +158,7 @@ export class CostreamClient {
           token: this.token,
           lastSeq: this.lastSeq,
           epoch: this.epoch,
+          ...(this.name ? { name: this.name } : {}),
         }),
       );
       this.#armSilence();

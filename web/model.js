@@ -56,10 +56,11 @@ export class ConversationModel {
     return run;
   }
 
-  startRun({ runId, userText, at, status = "running" }) {
+  startRun({ runId, userText, userName = null, at, status = "running" }) {
     const run = node("run", {
       runId,
       userText,
+      userName, // who sent it: untrusted text, shown with textContent only
       startedAt: at ?? null,
       status, // running, success, cancelled, error, done (from a snapshot)
       steps: [],
@@ -140,7 +141,12 @@ export class ConversationModel {
     };
     for (const message of event.messages ?? []) {
       if (message.role === "user") {
-        run = this.startRun({ runId: null, userText: textOf(message.content), status: "done" });
+        run = this.startRun({
+          runId: null,
+          userText: textOf(message.content),
+          userName: nameOf(message),
+          status: "done",
+        });
         step = null;
         continue;
       }
@@ -197,6 +203,11 @@ function textOf(content) {
   return content == null ? "" : String(content);
 }
 
+/** A user message's sender (AG-UI's optional `name`), or null. */
+function nameOf(message) {
+  return typeof message.name === "string" && message.name.trim() ? message.name : null;
+}
+
 const HANDLERS = {
   RUN_STARTED(event) {
     const messages = event.input?.messages ?? [];
@@ -204,6 +215,7 @@ const HANDLERS = {
     this.startRun({
       runId: event.runId,
       userText: user ? textOf(user.content) : null,
+      userName: user ? nameOf(user) : null,
       at: event.timestamp,
     });
   },

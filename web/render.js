@@ -4,6 +4,7 @@
 
 import { drawFile, fileWrite } from "./fileview.js";
 import { renderMarkdownInto } from "./markdown.js";
+import { avatar, colorOf } from "./people.js";
 
 const LONG_RESULT_CHARS = 600;
 const LONG_RESULT_LINES = 12;
@@ -111,6 +112,9 @@ export class Renderer {
     switch (item.kind) {
       case "run": {
         const user = el("div", { class: "user-message", "data-testid": "user-message" });
+        const senderName = el("span", { class: "user-name", "data-testid": "user-name" });
+        const sender = el("div", { class: "user-sender" }, senderName);
+        sender.hidden = true;
         const steps = el("div", { class: "steps" });
         const error = el("div", { class: "run-error", role: "alert", "data-testid": "run-error" });
         const footer = el("footer", { class: "run-footer", "data-testid": "run-footer" });
@@ -119,12 +123,13 @@ export class Renderer {
         const article = el(
           "article",
           { class: "run", "data-testid": "run" },
+          sender,
           user,
           steps,
           error,
           footer,
         );
-        return { el: article, user, steps, error, footer, version: 0 };
+        return { el: article, user, sender, senderName, steps, error, footer, version: 0 };
       }
       case "step": {
         const note = el("div", { class: "step-note", "data-testid": "step-retry" });
@@ -252,6 +257,14 @@ export class Renderer {
       view.user.textContent = run.userText;
     }
     view.user.hidden = run.userText == null;
+    if (view.senderName.textContent !== (run.userName ?? "")) {
+      view.senderName.textContent = run.userName ?? "";
+      view.sender.replaceChildren(
+        ...(run.userName ? [avatar({ name: run.userName, color: colorOf(run.userName) })] : []),
+        view.senderName,
+      );
+    }
+    view.sender.hidden = run.userName == null || run.userText == null;
     reconcile(
       view.steps,
       run.steps.map((step) => this.ensure(step).el),

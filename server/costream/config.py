@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 DEMO_MODEL = "costream/demo"
+DEFAULT_DATA_DIR = ".costream"  # of the working directory: where `costream serve` keeps data
 
 
 def _env_int(name: str, default: int) -> int:
@@ -20,6 +21,11 @@ def _env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+def _env_list(name: str) -> tuple[str, ...]:
+    """A comma-separated list (spaces around items dropped)."""
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a server process is configured with."""
@@ -27,6 +33,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     redis_url: str | None = field(default=None, repr=False)  # may carry a password
+    # Without Redis: the SQLite data directory, or None for the memory broker (nothing is
+    # kept). ``from_env`` (so ``costream serve``) defaults to DEFAULT_DATA_DIR.
+    data_dir: str | None = None
     flush_ms: int = 30  # delta merging window; 0 turns merging off
 
     # The LLM (the OpenHands SDK examples' variable names).
@@ -37,7 +46,11 @@ class Settings:
 
     # Access.
     create_key: str | None = field(default=None, repr=False)  # COSTREAM_CREATE_KEY
-    allowed_origins: tuple[str, ...] = ()  # empty: the server's own host and loopback
+    # Empty: the server's own origin only, and loopback origins when it listens on loopback.
+    allowed_origins: tuple[str, ...] = ()
+    # Host header values accepted when not listening on loopback (empty: any); a name
+    # outside the list is refused 421, which stops DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
 
     # Limits.
     max_message_chars: int = 100_000
@@ -45,6 +58,10 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     max_viewers_per_conversation: int = 1000
     viewer_queue_frames: int = 1024
+    # Replies (pong, accepted, error) waiting for one client that does not read: past
+    # either bound the session is closed 4008.
+    max_replies: int = 64
+    max_reply_bytes: int = 64 * 1024
     send_buffer_bytes: int = 128 * 1024  # kernel send buffer per socket (SO_SNDBUF)
     log_retain: int = 10_000
     max_steps: int = 10
@@ -78,7 +95,8 @@ class Settings:
     def from_env(cls, **overrides: Any) -> Settings:
         """Read ``REDIS_URL``, ``LLM_MODEL``, ``LLM_API_KEY``, ``LLM_BASE_URL``,
         ``COSTREAM_*``; keyword arguments (from flags) win. With no API key and no model
-        the demo model is used."""
+        the demo model is used; with no ``COSTREAM_DATA_DIR``, data lives in
+        ``./.costream/``."""
         api_key = os.environ.get("LLM_API_KEY") or None
         model = os.environ.get("LLM_MODEL") or (None if api_key else DEMO_MODEL)
         origins = os.environ.get("COSTREAM_ALLOWED_ORIGINS", "")
@@ -86,6 +104,7 @@ class Settings:
             host=os.environ.get("COSTREAM_HOST", cls.host),
             port=_env_int("COSTREAM_PORT", cls.port),
             redis_url=os.environ.get("REDIS_URL") or None,
+            data_dir=os.environ.get("COSTREAM_DATA_DIR") or DEFAULT_DATA_DIR,
             flush_ms=_env_int("COSTREAM_FLUSH_MS", cls.flush_ms),
             model=model or DEMO_MODEL,
             api_key=api_key,
@@ -105,6 +124,9 @@ class Settings:
             llm_timeout_s=_env_float("COSTREAM_LLM_TIMEOUT_S", cls.llm_timeout_s),
             retry_backoff_s=_env_float("COSTREAM_RETRY_BACKOFF_S", cls.retry_backoff_s),
             viewer_queue_frames=_env_int("COSTREAM_VIEWER_QUEUE", cls.viewer_queue_frames),
+            max_replies=_env_int("COSTREAM_MAX_REPLIES", cls.max_replies),
+            max_reply_bytes=_env_int("COSTREAM_MAX_REPLY_BYTES", cls.max_reply_bytes),
+            allowed_hosts=_env_list("COSTREAM_ALLOWED_HOSTS"),
             send_buffer_bytes=_env_int("COSTREAM_SEND_BUFFER_BYTES", cls.send_buffer_bytes),
             log_retain=_env_int("COSTREAM_LOG_RETAIN", cls.log_retain),
             llm_retries=_env_int("COSTREAM_LLM_RETRIES", cls.llm_retries),

@@ -3,9 +3,11 @@
 CostreamError
 ├── NotFound            unknown conversation (HTTP 404, close 4404)
 ├── RunActive           a run is already active (HTTP 409, error run_active)
+│   └── ExternallyProduced  the conversation's runs come from an external program
 ├── NoRun               nothing to cancel (HTTP 409, error no_run)
 ├── LeaseLost           this process no longer holds the run lease (fencing token moved on)
-└── StorageUnavailable  the broker's storage did not answer (HTTP 503, close 4000)
+├── StorageUnavailable  the broker's storage did not answer (HTTP 503, close 4000)
+└── DataDirError        the embedded store's data directory cannot be used (exit 2 at start)
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ class RunActive(CostreamError):
     """The conversation already has a run; one run at a time per conversation."""
 
 
+class ExternallyProduced(RunActive):
+    """The conversation's runs come from an external producer (``Store.mark_external``):
+    a writer's message starts no run on the servers."""
+
+
 class NoRun(CostreamError):
     """There is no run to cancel."""
 
@@ -33,3 +40,8 @@ class LeaseLost(CostreamError):
 
 class StorageUnavailable(CostreamError):
     """The broker's storage (Redis) did not answer in time."""
+
+
+class DataDirError(CostreamError):
+    """The data directory cannot be used: held by another process, or its database is
+    unreadable. The message names the path and says what to do."""

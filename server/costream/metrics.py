@@ -1,14 +1,29 @@
-"""Process metrics in the Prometheus text format (``GET /metrics``).
+"""Server metrics in the Prometheus text format (``GET /metrics``).
 
 A few counters, gauges and histograms kept in plain Python: one process, no locks needed
-(everything runs on the event loop). With ``--workers`` each process reports its own.
+(everything runs on the event loop). With ``--workers``, the workers of one server share
+a directory (:class:`SharedMetrics`): each writes its values there every
+``SHARE_INTERVAL_S``, and ``/metrics`` on any worker answers for all of them, its own
+values live and the others' as last written. A worker that exits keeps its counters and
+histograms in the sum (they only ever grow); its gauges leave it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import contextlib
+import json
+import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+SHARE_INTERVAL_S: Final = 0.5
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -102,8 +117,10 @@ class Metrics:
             "From the start of an LLM call to its first streamed delta.",
         )
 
-    def render(self) -> str:
-        metrics = (
+        self.shared: SharedMetrics | None = None  # set in a worker of ``--workers``
+
+    def _all(self) -> tuple[Counter | Gauge | Histogram, ...]:
+        return (
             self.connections,
             self.viewers,
             self.events_appended,
@@ -115,4 +132,87 @@ class Metrics:
             self.run_seconds,
             self.first_token_seconds,
         )
-        return "\n".join(line for metric in metrics for line in metric.render()) + "\n"
+
+    def render(self) -> str:
+        """This process's metrics, or with ``--workers`` those of all the server's workers."""
+        source = self if self.shared is None else self.shared.total()
+        return "\n".join(line for metric in source._all() for line in metric.render()) + "\n"
+
+    def values(self) -> dict[str, object]:
+        """Every value by metric name, as JSON can hold it."""
+        out: dict[str, object] = {}
+        for metric in self._all():
+            if isinstance(metric, Histogram):
+                out[metric.name] = [metric.counts, metric.total, metric.count]
+            else:
+                out[metric.name] = metric.value
+        return out
+
+    def add_values(self, values: dict[str, object], *, gauges: bool) -> None:
+        """Add another process's ``values`` to these (its gauges only if ``gauges``)."""
+        for metric in self._all():
+            value = values.get(metric.name)
+            if isinstance(metric, Histogram):
+                if isinstance(value, list) and len(value) == 3:
+                    counts, total, count = value
+                    if isinstance(counts, list) and len(counts) == len(metric.counts):
+                        metric.counts = [
+                            a + int(b) for a, b in zip(metric.counts, counts, strict=True)
+                        ]
+                        metric.total += float(total)
+                        metric.count += int(count)
+            elif isinstance(value, int | float) and (gauges or isinstance(metric, Counter)):
+                metric.value += value
+
+
+class SharedMetrics:
+    """One server's worker processes adding up their metrics through a directory."""
+
+    def __init__(self, metrics: Metrics, directory: Path) -> None:
+        self.metrics = metrics
+        self.directory = directory
+        self.pid = os.getpid()
+
+    def total(self) -> Metrics:
+        """This process's values now, plus every other worker's as last written."""
+        total = Metrics()
+        total.add_values(self.metrics.values(), gauges=True)
+        for path in self.directory.glob("*.json"):
+            if not path.stem.isdigit() or int(path.stem) == self.pid:
+                continue
+            try:
+                values = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being replaced, or gone: the next scrape has it
+            total.add_values(values, gauges=_alive(int(path.stem)))
+        return total
+
+    def write(self) -> None:
+        """Write this process's values, atomically (a reader never sees half a file)."""
+        path = self.directory / f"{self.pid}.json"
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(self.metrics.values()))
+        partial.replace(path)
+
+    async def run(self) -> None:
+        """Write every ``SHARE_INTERVAL_S`` until cancelled, and once more then."""
+        try:
+            while True:
+                try:
+                    self.write()
+                except OSError as error:
+                    log.warning("writing this worker's metrics failed: %s", error)
+                await asyncio.sleep(SHARE_INTERVAL_S)
+        finally:
+            with contextlib.suppress(OSError):
+                self.write()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -8,10 +8,13 @@ appends (:func:`with_seq`), so a frame is encoded once and the broker never pars
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
+
+from costream.names import NAME_MAX_INPUT_CHARS
 
 SUBPROTOCOL: Final = "costream.v1"
 
@@ -34,7 +37,13 @@ ErrorCode = Literal[
 ]
 # Codes of the `error` control frame.
 RefusalCode = Literal[
-    "run_active", "no_run", "forbidden", "too_large", "bad_request", "rate_limited"
+    "run_active",
+    "external_producer",
+    "no_run",
+    "forbidden",
+    "too_large",
+    "bad_request",
+    "rate_limited",
 ]
 
 
@@ -61,6 +70,9 @@ class UserMessage(msgspec.Struct, rename="camel", kw_only=True):
     id: str
     content: str
     role: Literal["user"] = "user"
+    # Who sent it: the sender's display name (AG-UI's optional ``name``), absent when the
+    # sender gave none. Untrusted text, already cleaned by :func:`costream.names.clean_name`.
+    name: str | UnsetType = UNSET
 
 
 class RunAgentInput(msgspec.Struct, rename="camel", kw_only=True):
@@ -69,12 +81,20 @@ class RunAgentInput(msgspec.Struct, rename="camel", kw_only=True):
     messages: list[UserMessage]
 
 
-class Usage(msgspec.Struct, rename="camel", kw_only=True):
-    """Token counts of a step or a run."""
+# What a producer reports is range-checked when decoded: a negative or absurd count, or a
+# cost that is not finite, would poison the conversation's totals for good.
+MAX_TOKENS: Final = 10**10  # per kind, per step or run
+MAX_COST_USD: Final = 1_000_000.0  # per step or run
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
+CostUsd = Annotated[float, msgspec.Meta(ge=0, le=MAX_COST_USD)]
 
-    input_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
+
+class Usage(msgspec.Struct, rename="camel", kw_only=True):
+    """Token counts of a step or a run (each from 0 to :data:`MAX_TOKENS` when decoded)."""
+
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    reasoning_tokens: Tokens = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -105,7 +125,7 @@ StepFinishReason = str  # the model's own (`stop`, `tool_calls`, ...) or retry/c
 class StepFinishedMeta(msgspec.Struct, rename="camel", kw_only=True):
     finish_reason: StepFinishReason
     usage: Usage = msgspec.field(default_factory=Usage)
-    cost_usd: float = 0.0
+    cost_usd: CostUsd = 0.0
 
 
 class ToolResultMeta(msgspec.Struct, rename="camel", kw_only=True):
@@ -141,6 +161,7 @@ class SnapshotMessage(msgspec.Struct, rename="camel", kw_only=True, omit_default
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     error: str | None = None
+    name: str | None = None  # a user message's sender, as in RUN_STARTED
 
 
 # ---- logged events --------------------------------------------------------------------
@@ -267,12 +288,27 @@ Event = (
 
 # ---- control frames -------------------------------------------------------------------
 
+PRESENCE_MAX_PEOPLE: Final = 50
+
+
+class Person(msgspec.Struct, rename="camel", kw_only=True, omit_defaults=True):
+    """One viewer in ``presence`` and ``welcome``: its session's id, role, when it joined
+    (ms since 1970), the colour the server gave it, and its display name if it gave one."""
+
+    id: str
+    role: Literal["viewer", "writer"]
+    since: int
+    color: str
+    name: str | None = None
+
 
 class Hello(Frame, tag="hello", kw_only=True):
     conversation_id: str
     token: str = ""  # missing: rejected as a wrong token (4401), not as a bad frame
     last_seq: Annotated[int, msgspec.Meta(ge=0)] = 0
     epoch: str | None = None
+    # The display name the viewer chose; cut and cleaned by :func:`costream.names.clean_name`.
+    name: Annotated[str, msgspec.Meta(max_length=NAME_MAX_INPUT_CHARS)] | None = None
 
 
 class SendMessage(Frame, tag="message", kw_only=True):
@@ -298,10 +334,16 @@ class Welcome(Frame, tag="welcome", kw_only=True):
     viewers: int
     mode: Literal["replay", "snapshot"]
     model: str
+    people: list[Person] = msgspec.field(default_factory=list)
+    viewer_id: str | UnsetType = UNSET  # the recipient's own ``id`` in ``people``
 
 
-class Presence(Frame, tag="presence", kw_only=True):
+class Presence(Frame, tag="presence", kw_only=True, omit_defaults=True):
+    """The viewers of a conversation: how many, and the first ``PRESENCE_MAX_PEOPLE`` of
+    them (``people``, in the order they joined; absent when nobody is listed)."""
+
     viewers: int
+    people: list[Person] = msgspec.field(default_factory=list)
 
 
 class Heartbeat(Frame, tag="heartbeat", kw_only=True):
@@ -330,7 +372,16 @@ client_frame_decoder: Final = msgspec.json.Decoder(ClientFrame)
 server_frame_decoder: Final = msgspec.json.Decoder(ServerFrame)
 event_decoder: Final = msgspec.json.Decoder(Event)
 
-_SEQ_PREFIX: Final = b'{"seq":'
+# The frame layout, known here and nowhere else (the Redis broker's Lua scripts splice
+# these same constants into the frames they build). A logged frame starts with its seq,
+# so a seq is read and spliced without parsing the JSON; a presence frame has one field.
+SEQ_PREFIX: Final = '{"seq":'
+PRESENCE_PREFIX: Final = '{"type":"presence","viewers":'
+PEOPLE_FIELD: Final = ',"people":['
+_PRESENCE_PREFIX_BYTES: Final = PRESENCE_PREFIX.encode()
+_PEOPLE_FIELD_BYTES: Final = PEOPLE_FIELD.encode()
+_SEQ_PREFIX_BYTES: Final = SEQ_PREFIX.encode()
+_SEQ_DIGITS_FROM: Final = len(SEQ_PREFIX)
 
 
 def encode(frame: Frame) -> bytes:
@@ -339,19 +390,35 @@ def encode(frame: Frame) -> bytes:
 
 
 def with_seq(body: bytes, seq: int) -> bytes:
-    """Splice ``seq`` into an encoded event: ``{"type":..}`` becomes ``{"seq":N,"type":..}``.
+    """Splice ``seq`` into an encoded event: ``{"type":..}`` becomes ``{"seq":N,"type":..}``."""
+    return b"%s%d,%s" % (_SEQ_PREFIX_BYTES, seq, body[1:])
 
-    The Redis broker's Lua script does the same with the same bytes.
-    """
-    return b'{"seq":%d,%s' % (seq, body[1:])
+
+def presence_frame(viewers: int, people: Sequence[bytes]) -> bytes:
+    """The ``presence`` frame for ``viewers`` and the encoded :class:`Person` entries
+    ``people`` (the Redis broker's script builds the same bytes)."""
+    if not people:
+        return b"%s%d}" % (_PRESENCE_PREFIX_BYTES, viewers)
+    return b"%s%d%s%s]}" % (_PRESENCE_PREFIX_BYTES, viewers, _PEOPLE_FIELD_BYTES, b",".join(people))
 
 
 def is_logged_frame(frame: bytes) -> bool:
     """Whether a frame from the broker is a logged event (as opposed to presence)."""
-    return frame.startswith(_SEQ_PREFIX)
+    return frame.startswith(_SEQ_PREFIX_BYTES)
 
 
 def seq_of(frame: bytes) -> int:
     """The ``seq`` of a frame made by :func:`with_seq`, read without decoding the JSON."""
-    end = frame.index(b",", len(_SEQ_PREFIX))
-    return int(frame[len(_SEQ_PREFIX) : end])
+    return int(frame[_SEQ_DIGITS_FROM : frame.index(b",", _SEQ_DIGITS_FROM)])
+
+
+def seq_of_text(frame: str) -> int:
+    """The ``seq`` of a logged frame as text, 0 for a frame that is not logged (presence)."""
+    if not frame.startswith(SEQ_PREFIX):
+        return 0
+    return int(frame[_SEQ_DIGITS_FROM : frame.index(",", _SEQ_DIGITS_FROM)])
+
+
+def is_presence_frame(frame: str) -> bool:
+    """Whether a frame as text is a ``presence`` frame, read without decoding the JSON."""
+    return frame.startswith(PRESENCE_PREFIX)

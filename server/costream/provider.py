@@ -9,7 +9,11 @@ or the provider's answer, and so the API key.
 
 from __future__ import annotations
 
+import errno
+import socket
+import ssl
 import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from costream.protocol import ErrorCode, Usage
@@ -69,8 +73,70 @@ def provider_phrase(model: str) -> str:
     return f"the LLM provider ({model.split('/', 1)[0]})" if "/" in model else "the LLM provider"
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """The error and what it was raised from, outermost first (LiteLLM wraps the OpenAI
+    SDK's error, which wraps httpx's or aiohttp's, which wraps the socket's)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(chain) < 12 and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _named(error: BaseException, *names: str) -> bool:
+    """Whether the error's class, or a base class, has one of these names (httpx, aiohttp
+    and the OpenAI SDK are matched by name: none of them is imported here)."""
+    return any(cls.__name__ in names for cls in type(error).__mro__)
+
+
+def _connection_failure(error: BaseException, provider: str) -> LLMFailure | None:
+    """What went wrong on the way to the provider, when no HTTP answer came back.
+
+    Looked for before any status: LiteLLM reports a connection that never opened as an
+    ``InternalServerError`` with ``status_code`` 500, an answer nobody sent."""
+    chain = _causes(error)
+    for cause in chain:
+        if isinstance(cause, ConnectionRefusedError):
+            return LLMFailure(
+                "upstream", f"could not connect to {provider}: connection refused", True
+            )
+        if isinstance(cause, socket.gaierror):
+            return LLMFailure("upstream", f"could not connect to {provider}: host not found", True)
+        if isinstance(cause, ssl.SSLError):
+            return LLMFailure(
+                "upstream", f"could not connect to {provider}: the TLS handshake failed", True
+            )
+    for cause in chain:
+        if _named(cause, "ConnectTimeout", "ServerTimeoutError", "ConnectionTimeoutError"):
+            return LLMFailure("timeout", f"connecting to {provider} timed out", True)
+        if _named(cause, "ReadTimeout", "APITimeoutError", "TimeoutException") or isinstance(
+            cause, TimeoutError
+        ):
+            return LLMFailure("timeout", f"{provider} timed out", True)
+        if _named(cause, "RemoteProtocolError", "ServerDisconnectedError", "ReadError") or (
+            isinstance(cause, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
+        ):
+            return LLMFailure(
+                "upstream", f"the connection to {provider} broke before the answer ended", True
+            )
+        if _named(cause, "ConnectError", "ClientConnectorError", "APIConnectionError") or (
+            isinstance(cause, OSError) and cause.errno in _UNREACHABLE_ERRNOS
+        ):
+            return LLMFailure(
+                "upstream", f"could not connect to {provider}: it is unreachable", True
+            )
+    return None
+
+
+_UNREACHABLE_ERRNOS = frozenset(
+    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
+)
+
+
 def classify(error: BaseException, provider: str) -> LLMFailure:
-    """Map an exception of an LLM call to a RUN_ERROR code, in our own words.
+    """Map an exception of an LLM call to a RUN_ERROR code, in our own words: what happened
+    (refused, unreachable, timed out, the HTTP status the provider answered).
 
     ``provider`` is :func:`provider_phrase`; the exception's own text is never used."""
     if isinstance(error, LLMFailure):
@@ -82,6 +148,9 @@ def classify(error: BaseException, provider: str) -> LLMFailure:
     def kind(*names: str) -> bool:
         return litellm is not None and isinstance(error, tuple(getattr(litellm, n) for n in names))
 
+    connection = _connection_failure(error, provider)
+    if connection is not None:
+        return connection
     status = _status_of(error)
     if kind("RateLimitError") or status == 429:
         return LLMFailure(
@@ -121,6 +190,41 @@ def classify(error: BaseException, provider: str) -> LLMFailure:
     ):
         return LLMFailure("upstream", f"the connection to {provider} failed", True)
     return LLMFailure("internal", "the run failed unexpectedly")
+
+
+# ---- usage of a cut stream ----------------------------------------------------------
+
+
+def estimate_usage(
+    model: str, messages: Sequence[Mapping[str, object]], output: str, reasoning: str
+) -> Usage:
+    """Tokens of a stream that was cut before its usage chunk (cancelled, failed): the
+    request's ``messages`` as input, the streamed ``output`` (all of it, ``reasoning``
+    included) as output, counted with LiteLLM's tokenizer for ``model`` where LiteLLM is
+    loaded, else at about four characters a token."""
+    litellm = _litellm()
+
+    def count(**what: object) -> int | None:
+        if litellm is None:
+            return None
+        try:
+            return int(litellm.token_counter(model=model, **what))
+        except Exception:  # a model LiteLLM cannot tokenize: the rough count will do
+            return None
+
+    def rough(text: str) -> int:
+        return -(-len(text) // 4)
+
+    prompt = count(messages=list(messages)) if messages else 0
+    if prompt is None:
+        prompt = rough("".join(str(m.get("content") or "") for m in messages))
+    completion = count(text=output) if output else 0
+    thinking = count(text=reasoning) if reasoning else 0
+    return Usage(
+        input_tokens=prompt,
+        output_tokens=rough(output) if completion is None else completion,
+        reasoning_tokens=rough(reasoning) if thinking is None else thinking,
+    )
 
 
 # ---- prices ------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 :class:`StepSegments` is the token callback of the OpenHands example made exact: it
 detects where a reasoning, text or tool-call segment starts and ends, gives each its id,
-and never emits an event for an empty delta. It reads chunks by attribute (LiteLLM's
-``ModelResponseStream``) or by key (plain dicts) and never imports LiteLLM.
-:class:`DeltaMerger` merges consecutive deltas of one segment within a flush window.
+and never emits an event for an empty delta. It reads chunks through :mod:`costream.chunks`
+(by attribute or by key) and never imports LiteLLM.
+:class:`DeltaMerger` merges consecutive deltas of one segment (:func:`merge_key`) within a
+flush window.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
+from costream.chunks import chunk_field, chunk_text
 from costream.protocol import (
     Event,
     FunctionCall,
@@ -33,66 +35,12 @@ from costream.protocol import (
     ToolCallArgs,
     ToolCallEnd,
     ToolCallStart,
-    Usage,
 )
 
 
 def new_id() -> str:
     """A fresh segment or message id (22 URL-safe characters)."""
     return secrets.token_urlsafe(16)
-
-
-def chunk_field(obj: object, name: str) -> object:
-    """A field of a chunk or of a part of one: attribute (LiteLLM) or key (plain dict)."""
-    if isinstance(obj, dict):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def chunk_text(obj: object, name: str) -> str:
-    """A string field, or "" when it is missing, None or not a string."""
-    value = chunk_field(obj, name)
-    return value if isinstance(value, str) else ""
-
-
-def _count(obj: object, *names: str) -> int:
-    for name in names:
-        value = chunk_field(obj, name)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def finish_reason_of(chunk: object) -> str | None:
-    """The finish reason a streamed chunk carries, if any."""
-    choices = chunk_field(chunk, "choices")
-    for choice in choices if isinstance(choices, list) else ():
-        reason = chunk_text(choice, "finish_reason")
-        if reason:
-            return reason
-    return None
-
-
-def as_usage(value: object) -> Usage:
-    """Token counts from a costream ``Usage``, a LiteLLM or OpenHands usage, or a dict."""
-    if isinstance(value, Usage):
-        return value
-    details = chunk_field(value, "completion_tokens_details")
-    return Usage(
-        input_tokens=_count(value, "prompt_tokens", "input_tokens", "inputTokens"),
-        output_tokens=_count(value, "completion_tokens", "output_tokens", "outputTokens"),
-        reasoning_tokens=_count(value, "reasoning_tokens", "reasoningTokens")
-        or (_count(details, "reasoning_tokens") if details is not None else 0),
-    )
-
-
-def usage_of(chunk: object) -> Usage | None:
-    """The usage of the stream's usage chunk; None for chunks without (or with zeros)."""
-    value = chunk_field(chunk, "usage")
-    if value is None:
-        return None
-    usage = as_usage(value)
-    return usage if usage.input_tokens or usage.output_tokens else None
 
 
 @dataclass
@@ -333,14 +281,16 @@ class StepSegments:
 
 
 Sink = Callable[[list[Event]], Awaitable[None]]
-_MERGEABLE = (ReasoningMessageContent, TextMessageContent, ToolCallArgs)
+Delta = ReasoningMessageContent | TextMessageContent | ToolCallArgs
+DELTA_TYPES: Final = (ReasoningMessageContent, TextMessageContent, ToolCallArgs)
 
 
-def _segment_key(event: Event) -> tuple[type, str]:
-    if isinstance(event, ToolCallArgs):
-        return ToolCallArgs, event.tool_call_id
-    assert isinstance(event, (ReasoningMessageContent, TextMessageContent))
-    return type(event), event.message_id
+def merge_key(delta: Delta) -> tuple[type, str]:
+    """The segment a delta belongs to: consecutive deltas with one key may merge into one
+    (their texts concatenated), here and in the publisher's queue."""
+    if isinstance(delta, ToolCallArgs):
+        return ToolCallArgs, delta.tool_call_id
+    return type(delta), delta.message_id
 
 
 class DeltaMerger:
@@ -355,11 +305,12 @@ class DeltaMerger:
     def __init__(self, sink: Sink, flush_ms: int) -> None:
         self._sink = sink
         self._window = flush_ms / 1000
-        self._pending: ReasoningMessageContent | TextMessageContent | ToolCallArgs | None = None
+        self._pending: Delta | None = None
         self._last_key: tuple[type, str] | None = None
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
-        self._timed_flushes: set[asyncio.Task[None]] = set()
+        self._timed_flushes: set[asyncio.Task[None]] = set()  # only those still running
+        self._timed_failure: BaseException | None = None  # raised by ``aclose``
 
     async def push(self, events: list[Event]) -> None:
         """Hand events on in order, holding back a segment's later deltas for merging."""
@@ -368,12 +319,12 @@ class DeltaMerger:
         async with self._lock:
             out: list[Event] = []
             for event in events:
-                if self._window <= 0 or not isinstance(event, _MERGEABLE):
+                if self._window <= 0 or not isinstance(event, DELTA_TYPES):
                     out += self._take_pending()
                     self._last_key = None
                     out.append(event)
                     continue
-                key = _segment_key(event)
+                key = merge_key(event)
                 if key != self._last_key:
                     out += self._take_pending()
                     self._last_key = key
@@ -397,7 +348,16 @@ class DeltaMerger:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._timed_flushes.add(asyncio.ensure_future(self.flush()))
+        task = asyncio.ensure_future(self.flush())
+        self._timed_flushes.add(task)
+        task.add_done_callback(self._on_timed_flush_done)
+
+    def _on_timed_flush_done(self, task: asyncio.Task[None]) -> None:
+        # A finished flush is forgotten at once (a long run makes thousands); a failure is
+        # kept for ``aclose`` to raise.
+        self._timed_flushes.discard(task)
+        if not task.cancelled() and self._timed_failure is None:
+            self._timed_failure = task.exception()
 
     async def flush(self) -> None:
         """Send the pending merged delta, if any, now."""
@@ -411,8 +371,9 @@ class DeltaMerger:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        timed, self._timed_flushes = self._timed_flushes, set()
-        await asyncio.gather(*timed)
+        await asyncio.gather(*self._timed_flushes)
+        if self._timed_failure is not None:
+            raise self._timed_failure
         await self.flush()
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 
 from costream.broker import Broker
+from costream.names import refused_character
 from costream.protocol import SnapshotMessage, Usage, now_ms
 
 Role = Literal["viewer", "writer"]
@@ -26,8 +29,22 @@ CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 _HISTORY = "history"
 _FILES = "files"
+MAX_FILE_NAME_CHARS = 200
 _messages_decoder = msgspec.json.Decoder(SnapshotMessage)
 _usage_decoder = msgspec.json.Decoder(Usage)
+
+
+def file_name_problem(path: str) -> str | None:
+    """Why ``path`` cannot name a workspace file (a sentence), or None when it can: at most
+    :data:`MAX_FILE_NAME_CHARS` characters in Unicode NFC, no control or format character
+    (bidi overrides such as U+202E), no lone surrogate (it could not be sent as UTF-8)."""
+    if not path or len(path) > MAX_FILE_NAME_CHARS:
+        return f"a file name has 1 to {MAX_FILE_NAME_CHARS} characters"
+    if (refused := refused_character(path)) is not None:
+        return f"a file name may not contain {refused} (control, format or invalid characters)"
+    if unicodedata.normalize("NFC", path) != path:
+        return "a file name must be in Unicode NFC"
+    return None
 
 
 def mint_id(nbytes: int = 16) -> str:
@@ -57,6 +74,7 @@ class Conversation:
     system: str
     created_ms: int
     epoch: str
+    external: bool = False  # an external producer owns its runs: messages start none here
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +125,17 @@ class Store:
             system=record.get("system", b"").decode(),
             created_ms=int(record.get("created_ms", b"0")),
             epoch=record.get("epoch", b"").decode(),
+            external=record.get("external") == b"1",
         )
+
+    async def set_model(self, conversation_id: str, model: str) -> None:
+        """The model shown to viewers (REST, ``welcome``): a published run's own."""
+        await self.broker.update_record(conversation_id, {"model": model.encode()})
+
+    async def mark_external(self, conversation_id: str) -> None:
+        """An external producer owns the conversation's runs from now on: a writer's
+        message no longer starts a run on the servers (:func:`costream.lifecycle.open_run`)."""
+        await self.broker.update_record(conversation_id, {"external": b"1"})
 
     async def role_for(self, conversation_id: str, token: str | None) -> Role | None:
         """The role a token grants on a conversation (None: no or wrong token)."""
@@ -158,32 +186,51 @@ class Store:
             if amount:
                 await self.broker.add_to_record(conversation_id, name, amount)
 
-    async def totals(self, conversation_id: str) -> tuple[Usage, float]:
-        """The conversation's token usage and cost so far."""
+    async def totals(self, conversation_id: str) -> tuple[Usage, float | None]:
+        """The conversation's token usage and cost so far. A stored total that is not a
+        finite number (written before costs were range-checked) reads as cost None and
+        tokens 0: shown as unknown, never an error."""
         record = await self.broker.get_record(conversation_id) or {}
 
-        def number(name: str) -> float:
-            return float(record.get(name, b"0"))
+        def number(name: str) -> float | None:
+            try:
+                value = float(record.get(name, b"0"))
+            except ValueError:
+                return None
+            return value if math.isfinite(value) else None
+
+        def tokens(name: str) -> int:
+            value = number(name)
+            return int(value) if value is not None and value >= 0 else 0
 
         usage = Usage(
-            input_tokens=int(number("input_tokens")),
-            output_tokens=int(number("output_tokens")),
-            reasoning_tokens=int(number("reasoning_tokens")),
+            input_tokens=tokens("input_tokens"),
+            output_tokens=tokens("output_tokens"),
+            reasoning_tokens=tokens("reasoning_tokens"),
         )
-        return usage, number("cost_usd")
+        cost = number("cost_usd")
+        return usage, cost if cost is None or cost >= 0 else None
 
     # ---- workspace files -----------------------------------------------------------
     async def list_files(self, conversation_id: str) -> dict[str, int]:
-        """Path to size in bytes, sorted by path."""
+        """Path to size in bytes, sorted by path. A name that :func:`file_name_problem`
+        refuses (stored before names were checked) is left out: it cannot be served."""
         files = await self.broker.map_all(conversation_id, _FILES)
-        return {path: len(files[path]) for path in sorted(files)}
+        return {path: len(files[path]) for path in sorted(files) if file_name_problem(path) is None}
 
     async def read_file(self, conversation_id: str, path: str) -> str | None:
+        if file_name_problem(path) is not None:
+            return None
         data = await self.broker.map_get(conversation_id, _FILES, path)
-        return None if data is None else data.decode()
+        return None if data is None else data.decode(errors="replace")
 
     async def write_file(self, conversation_id: str, path: str, text: str) -> None:
-        await self.broker.map_set(conversation_id, _FILES, path, text.encode())
+        """Store a file; ValueError for a name :func:`file_name_problem` refuses or text
+        that is not valid Unicode (a lone surrogate)."""
+        if (problem := file_name_problem(path)) is not None:
+            raise ValueError(problem)
+        data = text.encode()  # UnicodeEncodeError (a ValueError) before anything is stored
+        await self.broker.map_set(conversation_id, _FILES, path, data)
 
     async def delete_file(self, conversation_id: str, path: str) -> bool:
         return await self.broker.map_delete(conversation_id, _FILES, path)

@@ -315,8 +315,9 @@ async def inproc(base_url: str, args: argparse.Namespace) -> list[list[Any]]:
     from costream import protocol
     from costream.agent import step as run_step
     from costream.broker.memory import MemoryBroker
+    from costream.chunks import finish_reason_of, usage_of
     from costream.metrics import Metrics
-    from costream.segments import DeltaMerger, StepSegments, finish_reason_of, usage_of
+    from costream.segments import DeltaMerger, StepSegments
     from costream.server.hub import Hub
 
     recorded = await record_chunks(base_url, args.chunks)

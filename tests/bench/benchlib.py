@@ -250,8 +250,12 @@ def start_costream(
     args = [PYTHON, "-m", "costream.cli", "serve", "--port", str(port)]
     if os.environ.get("BENCH_PROFILE_DIR"):
         args[1:3] = [str(BENCH_DIR / "profiled_serve.py")]
+    # Without Redis: the in-memory broker, the embedded mode these benchmarks compare with
+    # Redis, unless the caller names a data directory (the durable default, SQLite).
     if redis_url:
         args += ["--redis-url", redis_url]
+    elif "COSTREAM_DATA_DIR" not in (env or {}):
+        args.append("--memory")
     child = work.spawn(f"costream-{port}", args, base_env(**(env or {})))
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_ok(f"{url}/healthz"), 60, "costream serve", child)

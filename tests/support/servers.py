@@ -82,6 +82,9 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
                 "COSTREAM_DEMO_DELAY_MS": "0",
                 "LITELLM_LOCAL_MODEL_COST_MAP": "True",
                 "PYTHONUNBUFFERED": "1",
+                # The embedded default keeps its data in a directory of its own per server
+                # (a restart keeps it, as in production).
+                "COSTREAM_DATA_DIR": str(tmp_path / f"data-{port}"),
             }
         )
         full_env.update(env or {})
@@ -100,5 +103,5 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
 @pytest.fixture
 def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
-    """One embedded-mode server (memory broker, demo model)."""
+    """One embedded-mode server (the default: SQLite in a temporary directory, demo model)."""
     return start_server()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, Protocol
 
@@ -52,15 +53,25 @@ async def load_litellm() -> LiteLLM:
     event loop keeps serving viewers meanwhile."""
     global _litellm_loaded
     if not _litellm_loaded:
+        # LiteLLM fetches its price list from the internet at import unless told not to:
+        # seconds of retries (and a warning each) offline. Its packaged copy is the default
+        # here; a user who set the variable keeps their choice.
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         litellm: Any = await asyncio.to_thread(importlib.import_module, "litellm")
         litellm.suppress_debug_info = True  # no "Give Feedback" banners quoting errors
-        # LiteLLM logs a line per call at INFO; the server's log keeps to its own events.
-        logging.getLogger("LiteLLM").setLevel(logging.WARNING)
+        for name in _LITELLM_LOGGERS:
+            logger = logging.getLogger(name)
+            # LiteLLM logs a line per call at INFO; the server's log keeps to its own events.
+            logger.setLevel(logging.WARNING)
+            # It also adds a handler of its own, so each warning printed twice (once there,
+            # once through the root handler): keep only the process's handlers.
+            logger.handlers.clear()
         _litellm_loaded = True
     litellm_module: LiteLLM = _litellm()
     return litellm_module
 
 
+_LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
 _litellm_loaded = False
 _demo_registered = False
 
@@ -154,5 +165,10 @@ async def warm_up(settings: Settings) -> None:
     stream = await litellm.acompletion(
         model=DEMO_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
     )
-    async for _ in stream:
-        pass
+    # The first chunk has paid for LiteLLM's lazy imports; the rest of the demo's answer
+    # would only keep the server from being ready at the demo's pace (seconds).
+    try:
+        async for _ in stream:
+            break
+    finally:
+        await stream.aclose()

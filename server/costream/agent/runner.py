@@ -2,17 +2,19 @@
 
 A run appends, in order: ``RUN_STARTED``; per step ``STEP_STARTED``, the segments of the
 streamed answer, ``STEP_FINISHED``, then the ``TOOL_CALL_RESULT`` of each tool call; and
-last ``RUN_FINISHED`` (success or cancelled) or ``RUN_ERROR``, released with the lease and
-a ``MESSAGES_SNAPSHOT`` in one atomic step. Whatever ends a run, open segments are closed
-first, so every ``*_START`` has its ``*_END``.
+last ``RUN_FINISHED`` (success or cancelled) or ``RUN_ERROR``. Whatever ends a run, it
+ends through :func:`costream.lifecycle.end_run`: the open step's closing events (every
+``*_START`` has its ``*_END``) and ``STEP_FINISHED``, the ending, the lease released and a
+``MESSAGES_SNAPSHOT``, in one atomic append by the run's own exactly-once writer.
 
 - Retries (:mod:`costream.agent.step`): transient failures (connection errors, 5xx, a stream
   cut mid-way, no chunk for ``llm_timeout_s``, 429) are retried ``llm_retries`` times with
   exponential backoff; each retry ends the step with ``finishReason`` ``retry`` and starts
   it again with ``metadata.attempt`` one more (``CUSTOM step_retry`` first when output was
   streamed).
-- Cancel: takes effect while the run waits on the LLM or a backoff, or before the next
-  tool or step; broker appends are never interrupted, so the log stays well formed.
+- Cancel: takes effect while the run waits on the LLM or a backoff (each such wait is a
+  child task, which a stop request cancels), or before the next tool or step; broker
+  appends are never interrupted, so the log stays well formed.
 - Storage away (Redis restarting, failing over, paused; :mod:`costream.agent.storage`): the
   run holds what it was about to write (one batch of events; the LLM stream waits unread
   behind it, so nothing grows) and retries with backoff for up to ``STORAGE_RETRY_S``
@@ -41,7 +43,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from costream import lifecycle, protocol
 from costream.agent.llm import to_llm_messages
@@ -51,17 +53,13 @@ from costream.agent.tools import TOOL_SPECS, Workspace
 from costream.broker import Broker, RunLease
 from costream.config import Settings
 from costream.errors import LeaseLost, NoRun, NotFound, RunActive, StorageUnavailable
-from costream.lifecycle import open_run
+from costream.lifecycle import Outcome, RunEnd, open_run
 from costream.metrics import Metrics
 from costream.protocol import (
+    ErrorCode,
     Event,
-    MessagesSnapshot,
     RunError,
-    RunFinished,
-    RunFinishedMeta,
-    RunOutcome,
     SnapshotMessage,
-    TokenUsage,
     ToolCallResult,
     ToolResultMeta,
 )
@@ -76,6 +74,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 StopReason = Literal["cancelled", "shutdown", "lease_lost", "storage"]
+_BROKEN: Final[tuple[StopReason, ...]] = ("lease_lost", "storage")  # a reaper ends the run
 
 
 # ---- one run ----------------------------------------------------------------------
@@ -94,11 +93,8 @@ class _Run:
         self.system = system
         self.provider = provider
         self.task: asyncio.Task[None] | None = None
-        self.finishing = False
         self.stop_reason: StopReason | None = None
-        self._waiting = False
-        self._interrupting = False
-        self._broken = False  # an append was lost: append nothing more, let the lease expire
+        self._waits: set[asyncio.Future[Any]] = set()  # interruptible waits under way
         self._writer = LogWriter(runs.broker, lease)
         self._llm = Steps(
             run_id=self.run_id,
@@ -113,38 +109,36 @@ class _Run:
         )
 
     # ---- stopping ----------------------------------------------------------------
+    @property
+    def broken(self) -> bool:
+        """An append was lost (lease or storage): append nothing more; the lease expires
+        and a reaper ends the run from its log."""
+        return self.stop_reason in _BROKEN
+
     def request_stop(self, reason: StopReason) -> None:
-        """Stop at the next interruptible point (now, if the run waits on the LLM)."""
-        if self.stop_reason is None:
+        """Stop at the next interruptible point: now, if the run waits on the LLM or a
+        backoff. A lost lease or storage overrides an earlier reason."""
+        if self.stop_reason is None or reason in _BROKEN:
             self.stop_reason = reason
-        if self._waiting and not self._interrupting and self.task is not None:
-            self._interrupting = True
-            self.task.cancel()
+        for wait in self._waits:
+            wait.cancel()
 
     async def _interruptible(self, make: Callable[[], Awaitable[T]]) -> T:
-        """Await something a cancel may cut short (an LLM call, a backoff)."""
-        if self.stop_reason is not None:
-            raise Stopped
-        self._waiting = True
+        """Await ``make()`` (an LLM call, a backoff) in a child task that
+        :meth:`request_stop` cancels; ``Stopped`` when a stop was requested before or
+        during the wait and the wait did not complete."""
+        self._check_stop()
+        wait = asyncio.ensure_future(make())
+        self._waits.add(wait)
         try:
-            result = await make()
+            return await wait
         except BaseException:
-            if self._interrupting:
-                self._uncancel()
-                raise Stopped from None
-            raise
+            current = asyncio.current_task()
+            if self.stop_reason is None or (current is not None and current.cancelling()):
+                raise  # a failure of its own, or the run's task itself was cancelled
+            raise Stopped from None
         finally:
-            self._waiting = False
-        if self._interrupting:  # the awaited code swallowed the cancellation
-            self._uncancel()
-            raise Stopped
-        return result
-
-    def _uncancel(self) -> None:
-        self._interrupting = False
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            task.uncancel()
+            self._waits.discard(wait)
 
     def _check_stop(self) -> None:
         if self.stop_reason is not None:
@@ -153,13 +147,12 @@ class _Run:
     # ---- appending ----------------------------------------------------------------
     async def _append(self, bodies: list[bytes]) -> None:
         """Append to the log. Never raises: a lost lease or storage stops the run instead."""
-        if self._broken or not bodies:
+        if self.broken or not bodies:
             return
         try:
-            await self._writer.write(bodies)
+            await self._writer.append(bodies)
         except LeaseLost:
             log.info("run %s lost its lease; another process ends it", self.run_id)
-            self._broken = True
             self.request_stop("lease_lost")
             return
         except StorageUnavailable:
@@ -173,109 +166,94 @@ class _Run:
             STORAGE_RETRY_S,
             self.run_id,
         )
-        self._broken = True
         self.request_stop("storage")
 
     async def _sink(self, events: list[Event]) -> None:
         await self._append([protocol.encode(event) for event in events])
 
-    async def _emit(self, *events: Event) -> None:
-        await self._sink(list(events))
-
     # ---- the run -------------------------------------------------------------------
     async def main(self) -> None:
-        """The whole run, from after RUN_STARTED to its last event."""
+        """The whole run, from after RUN_STARTED to its last event. A cancel of its task
+        (the process is going away) ends it with no ending: the reaper ends it later."""
         started = time.monotonic()
         renewer = asyncio.create_task(self._renew())
-        ending: Event
         try:
             try:
                 await self._steps()
-                ending = self._run_finished("success")
+                end = self._run_end("success")
             except Stopped:
-                ending = self._stop_ending()
+                end = self._stopped_end()
             except LLMFailure as failure:
-                ending = RunError(message=failure.message, code=failure.code)
+                end = self._run_end("error", failure.code, failure.message)
             except StorageUnavailable:
-                self._give_up_on_storage()  # the lease expires; the reaper ends the run
-                ending = RunError(message="storage unavailable", code="internal")
-            except asyncio.CancelledError:
-                if self._interrupting or self.stop_reason is not None:
-                    self._uncancel()
-                    ending = self._stop_ending()
-                else:
-                    raise  # killed from outside (tests simulate a dead process): no ending
+                self._give_up_on_storage()
+                return  # the lease expires; the reaper ends the run
             except Exception:
                 log.exception("run %s failed", self.run_id)
-                ending = RunError(message="the run failed unexpectedly", code="internal")
-            await self._end(ending, started)
+                end = self._run_end("error", "internal", "the run failed unexpectedly")
+            await self._end(end, started)
         finally:
             renewer.cancel()
             if self._llm.open is not None:
-                await quietly(self._llm.open.merger.aclose, self._broken)
+                await quietly(self._llm.open.merger.aclose, self.broken)
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
 
-    def _stop_ending(self) -> Event:
-        if self.stop_reason == "shutdown":
-            return RunError(message="the server shut down during this run", code="producer_lost")
-        return self._run_finished("cancelled")
-
-    def _run_finished(self, outcome: Literal["success", "cancelled"]) -> RunFinished:
-        usage = self._llm.totals.usage
-        return RunFinished(
-            thread_id=self.conversation_id,
-            run_id=self.run_id,
-            outcome=RunOutcome(type=outcome),
-            usage=[
-                TokenUsage(
-                    model=self.model,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    reasoning_tokens=usage.reasoning_tokens,
-                    total_tokens=usage.input_tokens + usage.output_tokens,
-                )
-            ],
-            metadata=RunFinishedMeta(cost_usd=self._llm.totals.cost_usd),
+    def _run_end(
+        self, outcome: Outcome, code: ErrorCode = "internal", message: str = "the run failed"
+    ) -> RunEnd:
+        totals = self._llm.totals
+        return RunEnd(
+            outcome,
+            usage=totals.usage,
+            cost_usd=totals.cost_usd,
+            model=self.model,
+            error_code=code,
+            error_message=message,
         )
 
-    async def _end(self, ending: Event, started: float) -> None:
-        """Close what is open, count the cost, append the last event with the snapshot."""
-        runs, metrics = self.runs, self.runs.metrics
-        self.finishing = True
-        if self._broken:
-            return  # the lease expires and a reaper closes the run from the log
-        reason = "cancelled" if isinstance(ending, RunFinished) else "error"
-        store = runs.store
+    def _stopped_end(self) -> RunEnd:
+        if self.stop_reason == "shutdown":
+            return self._run_end("error", "producer_lost", "the server shut down during this run")
+        return self._run_end("cancelled")
+
+    async def _end(self, end: RunEnd, started: float) -> None:
+        """Close the open step and end the run (:func:`costream.lifecycle.end_run`) with
+        this run's retrying storage calls; a broken run is left to the reaper."""
+        if self.broken:
+            return
+        closing: list[Event] = []
         if self._llm.open is not None:
             # Keep what viewers saw of the step, but not tool calls that never ran.
-            partial = step_messages(self._llm.open.segments.output(), with_tool_calls=False)
-            await self._llm.finish(reason, self._llm.open.segments.close())
-            with contextlib.suppress(StorageUnavailable):
-                await durably(lambda: store.append_messages(self.conversation_id, partial))
-        if self._broken:
-            return
+            end.messages = step_messages(self._llm.open.segments.output(), with_tool_calls=False)
+            reason = "error" if end.outcome == "error" else "cancelled"
+            closing = await self._llm.cut_short(reason)
+            if self.broken:
+                return  # flushing the step lost the lease or storage
+            # The cut step's tokens (reported or estimated) count in the run's usage too.
+            end.usage, end.cost_usd = self._llm.totals.usage, self._llm.totals.cost_usd
+        metrics = self.runs.metrics
         try:
-            await durably(lambda: store.add_usage(self.conversation_id, self._llm.totals.usage))
-            total = await durably(
-                lambda: store.add_cost(self.conversation_id, self._llm.totals.cost_usd)
+            ended = await lifecycle.end_run(
+                self.runs.broker,
+                self.runs.store,
+                self.lease,
+                end,
+                closing,
+                durably=durably,
+                write=self._writer.finish,
             )
-            if isinstance(ending, RunFinished):
-                ending.metadata.total_cost_usd = total
-            history = await durably(lambda: store.messages(self.conversation_id))
-            snapshot = protocol.encode(MessagesSnapshot(messages=history))
-            await self._writer.write([protocol.encode(ending)], finish=True, snapshot=snapshot)
         except LeaseLost:
             log.info("run %s lost its lease before it ended; another process ends it", self.run_id)
             return
         except StorageUnavailable:
             log.warning("storage unavailable: run %s not ended; its lease will expire", self.run_id)
             return
-        metrics.events_appended.inc()
+        metrics.events_appended.inc(ended.events)
         metrics.run_seconds.observe(time.monotonic() - started)
-        if isinstance(ending, RunError):
+        if isinstance(ended.ending, RunError):
             metrics.run_errors.inc()
-            log.info("run %s ended: %s", self.run_id, ending.code)
+            log.info("run %s ended: %s", self.run_id, ended.ending.code)
 
     async def _renew(self) -> None:
         """Keep the lease alive; a cancel requested by any process stops the run."""
@@ -286,7 +264,6 @@ class _Run:
                 if await self.runs.broker.renew_lease(self.lease, ttl):
                     self.request_stop("cancelled")
             except LeaseLost:
-                self._broken = True
                 self.request_stop("lease_lost")
                 return
             except StorageUnavailable:
@@ -323,17 +300,17 @@ class _Run:
             else:
                 content = f"Error: at most {limit} tool calls per step; this one did not run"
                 is_error = True
-            message_id = new_id()
-            await self._emit(
-                ToolCallResult(
-                    message_id=message_id,
-                    tool_call_id=call.id,
-                    content=content,
-                    metadata=ToolResultMeta(is_error=is_error),
-                )
+            message_id, meta = new_id(), ToolResultMeta(is_error=is_error)
+            event = ToolCallResult(
+                message_id=message_id, tool_call_id=call.id, content=content, metadata=meta
             )
+            await self._sink([event])
             result = SnapshotMessage(
-                id=message_id, role="tool", content=content, tool_call_id=call.id
+                id=message_id,
+                role="tool",
+                content=content,
+                tool_call_id=call.id,
+                error=content if is_error else None,  # AG-UI's mark of a failed tool
             )
             await durably(
                 functools.partial(self.runs.store.append_messages, self.conversation_id, [result])
@@ -361,7 +338,15 @@ class Runs:
         self.token_callbacks = tuple(token_callbacks)
         self._local: dict[str, _Run] = {}  # conversation id -> its run on this process
 
-    async def start(self, conversation_id: str, content: str) -> str:
+    async def start(
+        self,
+        conversation_id: str,
+        content: str,
+        *,
+        run_id: str | None = None,
+        message_id: str | None = None,
+        sender: str | None = None,
+    ) -> str:
         """Start a run; returns its id once RUN_STARTED is in the log."""
         conversation = await self.store.get(conversation_id)
         if conversation is None:
@@ -373,6 +358,9 @@ class Runs:
             content,
             self.settings.lease_ttl_ms,
             self._reap_unless_local,
+            run_id=run_id,
+            message_id=message_id,
+            sender=sender,
         )
         self.metrics.runs_started.inc()
         self.metrics.events_appended.inc()
@@ -395,7 +383,7 @@ class Runs:
     async def cancel(self, conversation_id: str) -> str:
         """Cancel the conversation's run, here or on another process; its run id."""
         run = self._local.get(conversation_id)
-        if run is not None and not run.finishing:
+        if run is not None and run.task is not None and not run.task.done():
             run.request_stop("cancelled")
             return run.run_id
         run_id = await self.broker.request_cancel(conversation_id)
@@ -405,13 +393,12 @@ class Runs:
 
     async def reap(self, conversation_id: str) -> None:
         """End a run whose lease expired: close its open segments, append producer_lost."""
-        await lifecycle.reap(
-            self.broker, self.store, self.metrics, conversation_id, self.settings.lease_ttl_ms
+        ended = await lifecycle.reap(
+            self.broker, self.store, conversation_id, self.settings.lease_ttl_ms
         )
-
-    async def closing_events(self, conversation_id: str, start_seq: int) -> list[Event]:
-        """The events that end what a dead run left open, read from its log."""
-        return await lifecycle.closing_events(self.broker, conversation_id, start_seq)
+        if ended is not None:
+            self.metrics.events_appended.inc(ended.events)
+            self.metrics.run_errors.inc()
 
     async def shutdown(self, grace_s: float) -> None:
         """Let this process's runs finish for ``grace_s``, then end them with RUN_ERROR."""

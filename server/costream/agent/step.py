@@ -5,7 +5,8 @@ token callbacks, and its segment events to the log through a ``DeltaMerger``. Tr
 failures are retried with exponential backoff: each retry ends the step with
 ``finishReason`` ``retry`` and starts it again with ``metadata.attempt`` one more
 (``CUSTOM step_retry`` first when output was streamed). Waits on the LLM and on backoffs
-go through the run's ``Interruptible``, so a cancel cuts them short with :class:`Stopped`.
+go through the run's ``Interruptible``, so a stop request cuts them short with
+:class:`Stopped`; appends never do, so the log stays well formed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeVar
 
 from costream.agent.llm import LLMMessage, ToolSpec, completion_options, load_litellm
+from costream.backoff import Backoff
+from costream.chunks import finish_reason_of, usage_of
 from costream.config import Settings
 from costream.metrics import Metrics
 from costream.protocol import (
@@ -31,15 +35,8 @@ from costream.protocol import (
     StepStartedMeta,
     Usage,
 )
-from costream.provider import classify, cost_usd
-from costream.segments import (
-    DeltaMerger,
-    Sink,
-    StepOutput,
-    StepSegments,
-    finish_reason_of,
-    usage_of,
-)
+from costream.provider import classify, cost_usd, estimate_usage
+from costream.segments import DeltaMerger, Sink, StepOutput, StepSegments
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +51,7 @@ class Stopped(Exception):
 
 
 class Interruptible(Protocol):
-    """Awaits ``make()``, which a cancel may cut short; raises ``Stopped`` if it does."""
+    """Awaits ``make()``, which a stop request may cut short; raises ``Stopped`` if it does."""
 
     def __call__(self, make: Callable[[], Awaitable[T]], /) -> Awaitable[T]: ...
 
@@ -67,6 +64,21 @@ class OpenStep:
     segments: StepSegments
     merger: DeltaMerger
     streamed: bool = False  # some segment event went out
+    messages: list[LLMMessage] = field(default_factory=list)  # what the call was sent
+    usage: Usage | None = None  # the provider's count, once its usage chunk came
+
+    def usage_so_far(self, model: str) -> Usage:
+        """What the call used, also when its stream was cut before the usage chunk: the
+        provider's count if it came, else an estimate from the request and what streamed
+        (nothing streamed: nothing is counted, the provider may not have started)."""
+        if self.usage is not None:
+            return self.usage
+        if not self.streamed:
+            return Usage()
+        output = self.segments.output()
+        reasoning = "".join(text for _, text in output.reasoning)
+        calls = "".join(c.function.name + c.function.arguments for c in output.tool_calls)
+        return estimate_usage(model, self.messages, reasoning + output.content + calls, reasoning)
 
 
 @dataclass
@@ -112,6 +124,10 @@ class Steps:
     async def step(self, name: str, messages: list[LLMMessage]) -> StepOutput:
         """One LLM call, retried on transient failures; its output once it ended."""
         attempt = 1
+        # retry_backoff_s, then twice as long each retry; a longer Retry-After wins.
+        backoff = Backoff(
+            self.settings.retry_backoff_s, math.inf, attempts=self.settings.llm_retries
+        )
         while True:
             step = await self._start(name, attempt)
             try:
@@ -136,12 +152,16 @@ class Steps:
                         type(error).__name__,
                         attempt,
                     )
-                if not failure.transient or attempt > self.settings.llm_retries:
+                delay = backoff.next_delay() if failure.transient else None
+                if delay is None:
                     raise failure from None
-                if failure.retry_after_s is not None and failure.retry_after_s > _RETRY_AFTER_CAP_S:
-                    raise failure from None
+                if failure.retry_after_s is not None:
+                    if failure.retry_after_s > _RETRY_AFTER_CAP_S:
+                        raise failure from None
+                    delay = max(delay, failure.retry_after_s)
                 streamed = step.streamed
-                await self.finish("retry", step.segments.close())
+                used = self._count(step)
+                await self.finish("retry", step.segments.close(), used, cost_usd(self.model, used))
                 attempt += 1
                 if streamed:
                     await self._emit(
@@ -149,17 +169,20 @@ class Steps:
                             name="step_retry", value={"attempt": attempt, "reason": failure.code}
                         )
                     )
-                backoff = self.settings.retry_backoff_s * 2 ** (attempt - 2)
-                if failure.retry_after_s is not None:
-                    backoff = max(backoff, failure.retry_after_s)
-                await self._interruptible(functools.partial(asyncio.sleep, backoff))
+                await self._interruptible(functools.partial(asyncio.sleep, delay))
                 continue
             output = step.segments.output()
-            cost = cost_usd(self.model, usage)
-            self.totals.usage += usage
-            self.totals.cost_usd += cost
-            await self.finish(reason, step.segments.close(), usage, cost)
+            step.usage = usage
+            usage = self._count(step)
+            await self.finish(reason, step.segments.close(), usage, cost_usd(self.model, usage))
             return output
+
+    def _count(self, step: OpenStep) -> Usage:
+        """Add what ``step`` used so far to the run's totals; its usage."""
+        usage = step.usage_so_far(self.model)
+        self.totals.usage += usage
+        self.totals.cost_usd += cost_usd(self.model, usage)
+        return usage
 
     async def _start(self, name: str, attempt: int) -> OpenStep:
         step = OpenStep(name, StepSegments(), DeltaMerger(self._sink, self.settings.flush_ms))
@@ -181,18 +204,24 @@ class Steps:
         assert step is not None
         await step.merger.push(closing)
         await step.merger.aclose()
-        await self._emit(
-            StepFinished(
-                step_name=step.name,
-                metadata=StepFinishedMeta(
-                    finish_reason=reason, usage=usage or Usage(), cost_usd=cost
-                ),
-            )
-        )
+        await self._emit(_step_finished(step.name, reason, usage or Usage(), cost))
+
+    async def cut_short(self, reason: str) -> list[Event]:
+        """End the open step without appending its end: what the step streamed goes out
+        now, and the events that close its segments, then STEP_FINISHED with ``reason``,
+        are returned, for the run's last append."""
+        step, self.open = self.open, None
+        assert step is not None
+        await step.merger.aclose()
+        # A cut stream used tokens too: the run's totals and this step say how many.
+        usage = self._count(step)
+        cost = cost_usd(self.model, usage)
+        return [*step.segments.close(), _step_finished(step.name, reason, usage, cost)]
 
     async def _stream(self, step: OpenStep, messages: list[LLMMessage]) -> tuple[str, Usage]:
         """Stream one LLM call through the token callbacks; (finish reason, usage)."""
         litellm = await self._interruptible(load_litellm)
+        step.messages = messages
         options = completion_options(self.model, messages, self.tools, self.settings)
         timeout = self.settings.llm_timeout_s
         called = time.monotonic()
@@ -216,6 +245,8 @@ class Steps:
                 self._call_callbacks(chunk)
                 reason = finish_reason_of(chunk) or reason
                 usage = usage_of(chunk) or usage
+                if usage.input_tokens or usage.output_tokens:
+                    step.usage = usage
             return reason, usage
         finally:
             await quietly(stream.aclose, False)
@@ -230,6 +261,11 @@ class Steps:
                     log.exception(
                         "token callback %r raised; skipped for this run", _name_of(callback)
                     )
+
+
+def _step_finished(name: str, reason: str, usage: Usage, cost: float) -> StepFinished:
+    meta = StepFinishedMeta(finish_reason=reason, usage=usage, cost_usd=cost)
+    return StepFinished(step_name=name, metadata=meta)
 
 
 def _name_of(callback: object) -> str:

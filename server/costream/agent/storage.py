@@ -1,6 +1,6 @@
 """Writing a run to storage through outages (Redis restarting, failing over, paused).
 
-A run's storage calls are retried with backoff (``_STORAGE_BACKOFF_S``) for up to
+A run's storage calls are retried with backoff (:func:`_storage_backoff`) for up to
 ``STORAGE_RETRY_S``; after that ``StorageUnavailable`` reaches the run, which stops and
 lets its lease expire, so the reaper ends it.
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
+from costream.backoff import Backoff
 from costream.broker import Broker, RunLease
 from costream.errors import LeaseLost, StorageUnavailable
 
@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STORAGE_RETRY_S: Final = 30.0  # how long a run waits for storage before it gives up
-_STORAGE_BACKOFF_S: Final = (0.05, 1.0)  # first and longest pause between attempts
+
+
+def _storage_backoff() -> Backoff:
+    """Pauses of 0.05 s doubling up to 1 s, while the next try starts within ``STORAGE_RETRY_S``."""
+    return Backoff(first_s=0.05, cap_s=1.0, budget_s=STORAGE_RETRY_S)
 
 
 class LogWriter:
@@ -40,37 +44,39 @@ class LogWriter:
         self.run_id = lease.run_id
         self.head: int | None = None  # seq of this run's last logged event, once known
 
-    async def write(
-        self, bodies: list[bytes], *, finish: bool = False, snapshot: bytes | None = None
-    ) -> None:
-        """Append ``bodies`` (``finish``: and end the run, with ``snapshot``) exactly once,
-        retrying while storage is away. Raises ``LeaseLost``, or ``StorageUnavailable``
-        once storage stayed away for ``STORAGE_RETRY_S``.
+    async def append(self, bodies: list[bytes]) -> int:
+        """Append ``bodies`` exactly once, retrying while storage is away; the seq of the
+        last. Raises ``LeaseLost``, or ``StorageUnavailable`` once storage stayed away for
+        ``STORAGE_RETRY_S``."""
+        return await self._write(bodies, finish=False, snapshot=None)
 
-        Redis may die after it ran an append's script and before it answered: before trying
-        again, the log's head (and the seq of our last event) tells whether it ran.
-        """
+    async def finish(self, bodies: list[bytes], snapshot: bytes) -> int:
+        """Append the run's last ``bodies``, store ``snapshot`` and release the lease,
+        exactly once, as :meth:`append` does; the seq of the last."""
+        return await self._write(bodies, finish=True, snapshot=snapshot)
+
+    async def _write(self, bodies: list[bytes], *, finish: bool, snapshot: bytes | None) -> int:
+        # Redis may die after it ran an append's script and before it answered: before
+        # trying again, the log's head (and the seq of our last event) tells whether it ran.
         broker = self.broker
-        deadline = time.monotonic() + STORAGE_RETRY_S
-        delay, longest = _STORAGE_BACKOFF_S
-        failed = False
+        backoff = _storage_backoff()
         while True:
             try:
-                if failed and await self._already_written(len(bodies), finish):
-                    return
+                if backoff.failures and await self._already_written(len(bodies), finish):
+                    assert self.head is not None
+                    return self.head
                 if finish:
                     self.head = await broker.finish_run(self.lease, bodies, snapshot)
                 else:
                     self.head = await broker.append(self.lease, bodies)
-                return
+                return self.head
             except StorageUnavailable:
-                if time.monotonic() + delay > deadline:
+                delay = backoff.next_delay()
+                if delay is None:
                     raise
-                if not failed:
+                if backoff.failures == 1:
                     log.warning("storage unavailable: run %s waits and retries", self.run_id)
-                failed = True
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, longest)
 
     async def _already_written(self, count: int, finish: bool) -> bool:
         """After a failed write of ``count`` events: whether it ran anyway.
@@ -100,13 +106,12 @@ async def durably(make: Callable[[], Awaitable[T]]) -> T:
     """A storage call other than a log write (the history, totals, files), retried while
     storage is away. Such writes are not checked like appends: one that failed after it
     ran (Redis died mid-command, rare) may be applied twice."""
-    deadline = time.monotonic() + STORAGE_RETRY_S
-    delay, longest = _STORAGE_BACKOFF_S
+    backoff = _storage_backoff()
     while True:
         try:
             return await make()
         except StorageUnavailable:
-            if time.monotonic() + delay > deadline:
+            delay = backoff.next_delay()
+            if delay is None:
                 raise
             await asyncio.sleep(delay)
-            delay = min(delay * 2, longest)

@@ -6,12 +6,13 @@ result with ``is_error`` set, worded so the model can correct itself.
 
 from __future__ import annotations
 
-import json
 import posixpath
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from costream.store import Store
+from costream.bodies import BadInput, decode_json
+from costream.store import Store, file_name_problem
 
 _PATH = {"type": "string", "description": "Relative path inside the workspace, e.g. story.txt"}
 
@@ -91,7 +92,11 @@ def normalise_path(path: object) -> str:
         raise ToolError("path may not contain '..'")
     if not parts:
         raise ToolError("path names no file")
-    return posixpath.join(*parts)
+    # One spelling per name: "é" typed precomposed or decomposed is the same file.
+    joined = unicodedata.normalize("NFC", posixpath.join(*parts))
+    if (problem := file_name_problem(joined)) is not None:
+        raise ToolError(problem)
+    return joined
 
 
 class Workspace:
@@ -112,15 +117,19 @@ class Workspace:
             return ToolOutcome(await self._dispatch(name, args))
         except ToolError as error:
             return ToolOutcome(f"Error: {error}", is_error=True)
+        except ValueError as error:  # the store refused a name or text it cannot hold
+            return ToolOutcome(f"Error: {str(error)[:200]}", is_error=True)
 
     @staticmethod
     def _parse(name: str, arguments: str) -> dict[str, Any]:
         if name not in _ARGUMENTS:
             raise ToolError(f"unknown tool {name!r}; the tools are {', '.join(_ARGUMENTS)}")
         try:
-            args = json.loads(arguments or "{}")
-        except ValueError:
-            raise ToolError("arguments are not valid JSON") from None
+            # Bounded: deep nesting and lone surrogates are the model's mistake to fix,
+            # not a RecursionError or UnicodeEncodeError that would end the run.
+            args: Any = decode_json(arguments or "{}", what="arguments")
+        except BadInput as error:
+            raise ToolError(error.message) from None
         if not isinstance(args, dict):
             raise ToolError("arguments must be a JSON object")
         missing = _ARGUMENTS[name] - args.keys()

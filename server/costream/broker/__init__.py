@@ -1,7 +1,9 @@
 """The ``Broker`` interface: the conversation log, its live tail, presence and the run lease.
 
-Two implementations keep the same guarantees: ``broker_memory.MemoryBroker`` (one process)
-and ``broker_redis.RedisBroker`` (any number of processes). Frames cross the broker as
+Three implementations keep the same guarantees: :class:`~costream.broker.memory.MemoryBroker`
+(one process, nothing kept), :class:`~costream.broker.sqlite.SqliteBroker` (one process, in
+a data directory that survives restarts; the default) and
+:class:`~costream.broker.redis.RedisBroker` (any number of processes). Frames cross the broker as
 ``bytes``: a producer hands over an encoded event *without* ``seq`` (a "body"); the broker
 assigns the next ``seq``, splices it in (``protocol.with_seq``), stores the frame in the log
 and publishes the same bytes, in one atomic step. So:
@@ -22,6 +24,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+__all__ = ["ActiveRun", "Broker", "FrameListener", "LogState", "ResyncListener", "RunLease"]
 
 FrameListener = Callable[[str, bytes], None]
 """Called with (conversation id, frame) for each published frame, in publication order.
@@ -177,18 +181,27 @@ class Broker(abc.ABC):
     async def unsubscribe(self, conversation_id: str) -> None: ...
 
     # ---- presence --------------------------------------------------------------------
+    # A presence frame (``protocol.presence_frame``) carries the count and the first
+    # ``protocol.PRESENCE_MAX_PEOPLE`` listed viewers' entries, in the order they joined.
     @abc.abstractmethod
-    async def presence_join(self, conversation_id: str, viewer_id: str, ttl_ms: int) -> int:
-        """Count a viewer (until ``ttl_ms`` passes unrefreshed), publish the new count as a
-        ``presence`` frame, return it."""
+    async def presence_join(
+        self, conversation_id: str, viewer_id: str, ttl_ms: int, person: bytes | None = None
+    ) -> int:
+        """Count a viewer (until ``ttl_ms`` passes unrefreshed) and list it with ``person``
+        (an encoded ``protocol.Person``; None: counted, not listed), publish the new
+        ``presence`` frame, return the count."""
+
+    @abc.abstractmethod
+    async def presence_people(self, conversation_id: str) -> list[bytes]:
+        """The entries a ``presence`` frame would list now, in the order they joined."""
 
     @abc.abstractmethod
     async def presence_leave(self, conversation_id: str, viewer_id: str) -> int:
-        """Stop counting a viewer, publish and return the new count."""
+        """Stop counting and listing a viewer, publish and return the new count."""
 
     @abc.abstractmethod
     async def presence_refresh(
         self, conversation_id: str, viewer_ids: Sequence[str], ttl_ms: int
     ) -> int:
-        """Keep these viewers counted and drop expired ones (a dead process's); publishes
-        the count when it changed; returns it."""
+        """Keep these viewers counted and drop expired ones (a dead process's) from the
+        count and the list; publishes when the count changed; returns it."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from costream import protocol
 from costream.broker import ActiveRun, Broker, FrameListener, LogState, ResyncListener, RunLease
 from costream.errors import LeaseLost, RunActive, StorageUnavailable
+from costream.protocol import PRESENCE_MAX_PEOPLE
 
 
 def _now_ms() -> float:
@@ -24,7 +25,9 @@ def _now_ms() -> float:
 
 
 @dataclass
-class _Run:
+class RunState:
+    """A conversation's active run: its lease, fence and where it started in the log."""
+
     run_id: str
     fence: int
     start_seq: int
@@ -33,7 +36,9 @@ class _Run:
 
 
 @dataclass
-class _Conversation:
+class ConversationState:
+    """Everything the embedded brokers keep of one conversation (SQLite persists it)."""
+
     record: dict[str, bytes]
     epoch: str
     head: int = 0
@@ -41,8 +46,10 @@ class _Conversation:
     snapshot: bytes | None = None
     snapshot_seq: int = 0
     fence: int = 0
-    run: _Run | None = None
+    run: RunState | None = None
     presence: dict[str, float] = field(default_factory=dict)  # viewer id -> expiry (ms)
+    # viewer id -> encoded protocol.Person, in the order they joined (a dict keeps it)
+    people: dict[str, bytes] = field(default_factory=dict)
     maps: dict[str, dict[str, bytes]] = field(default_factory=dict)
     lists: dict[str, list[bytes]] = field(default_factory=dict)
 
@@ -52,7 +59,7 @@ class MemoryBroker(Broker):
 
     def __init__(self, log_retain: int = 10_000) -> None:
         self.log_retain = log_retain
-        self._conversations: dict[str, _Conversation] = {}
+        self._conversations: dict[str, ConversationState] = {}
         self._subscribed: set[str] = set()
         self._on_frame: FrameListener | None = None
         self._closed = False
@@ -67,7 +74,7 @@ class MemoryBroker(Broker):
     async def ping(self) -> bool:
         return not self._closed
 
-    def _get(self, conversation_id: str) -> _Conversation:
+    def _get(self, conversation_id: str) -> ConversationState:
         if self._closed:
             raise StorageUnavailable("broker closed")
         conversation = self._conversations.get(conversation_id)
@@ -79,7 +86,7 @@ class MemoryBroker(Broker):
     # ---- records ---------------------------------------------------------------------
     async def create_conversation(self, conversation_id: str, record: dict[str, bytes]) -> str:
         epoch = secrets.token_urlsafe(12)
-        self._conversations[conversation_id] = _Conversation(
+        self._conversations[conversation_id] = ConversationState(
             record={**record, "epoch": epoch.encode()}, epoch=epoch
         )
         return epoch
@@ -139,7 +146,7 @@ class MemoryBroker(Broker):
     async def read_snapshot(self, conversation_id: str) -> bytes | None:
         return self._get(conversation_id).snapshot
 
-    def _append(self, conversation_id: str, conversation: _Conversation, body: bytes) -> int:
+    def _append(self, conversation_id: str, conversation: ConversationState, body: bytes) -> int:
         conversation.head += 1
         seq = conversation.head
         frame = protocol.with_seq(body, seq)
@@ -148,14 +155,14 @@ class MemoryBroker(Broker):
             self._on_frame(conversation_id, frame)
         return seq
 
-    def _trim(self, conversation: _Conversation) -> None:
+    def _trim(self, conversation: ConversationState) -> None:
         # Keep the last log_retain events and everything after the latest snapshot.
         keep_from = min(conversation.head - self.log_retain + 1, conversation.snapshot_seq + 1)
         log = conversation.log
         while log and log[0][0] < keep_from:
             log.popleft()
 
-    def _check_lease(self, lease: RunLease) -> _Conversation:
+    def _check_lease(self, lease: RunLease) -> ConversationState:
         conversation = self._get(lease.conversation_id)
         run = conversation.run
         if run is None or run.fence != lease.fence or run.lease_expires_ms < _now_ms():
@@ -171,7 +178,7 @@ class MemoryBroker(Broker):
             raise RunActive(conversation_id)
         conversation.fence += 1
         seq = conversation.head + 1
-        conversation.run = _Run(run_id, conversation.fence, seq, _now_ms() + ttl_ms)
+        conversation.run = RunState(run_id, conversation.fence, seq, _now_ms() + ttl_ms)
         self._append(conversation_id, conversation, body)
         self._trim(conversation)
         return RunLease(conversation_id, run_id, conversation.fence)
@@ -233,32 +240,44 @@ class MemoryBroker(Broker):
         self._subscribed.discard(conversation_id)
 
     # ---- presence --------------------------------------------------------------------
-    def _publish_presence(self, conversation_id: str, count: int) -> None:
+    def _publish_presence(self, conversation_id: str, conversation: ConversationState) -> int:
+        count = len(conversation.presence)
         if self._on_frame is not None and conversation_id in self._subscribed:
-            self._on_frame(conversation_id, protocol.encode(protocol.Presence(viewers=count)))
+            people = list(itertools.islice(conversation.people.values(), PRESENCE_MAX_PEOPLE))
+            self._on_frame(conversation_id, protocol.presence_frame(count, people))
+        return count
 
-    async def presence_join(self, conversation_id: str, viewer_id: str, ttl_ms: int) -> int:
-        presence = self._get(conversation_id).presence
-        presence[viewer_id] = _now_ms() + ttl_ms
-        self._publish_presence(conversation_id, len(presence))
-        return len(presence)
+    async def presence_join(
+        self, conversation_id: str, viewer_id: str, ttl_ms: int, person: bytes | None = None
+    ) -> int:
+        conversation = self._get(conversation_id)
+        conversation.presence[viewer_id] = _now_ms() + ttl_ms
+        if person is not None:
+            conversation.people.setdefault(viewer_id, person)
+        return self._publish_presence(conversation_id, conversation)
+
+    async def presence_people(self, conversation_id: str) -> list[bytes]:
+        people = self._get(conversation_id).people
+        return list(itertools.islice(people.values(), PRESENCE_MAX_PEOPLE))
 
     async def presence_leave(self, conversation_id: str, viewer_id: str) -> int:
-        presence = self._get(conversation_id).presence
-        presence.pop(viewer_id, None)
-        self._publish_presence(conversation_id, len(presence))
-        return len(presence)
+        conversation = self._get(conversation_id)
+        conversation.presence.pop(viewer_id, None)
+        conversation.people.pop(viewer_id, None)
+        return self._publish_presence(conversation_id, conversation)
 
     async def presence_refresh(
         self, conversation_id: str, viewer_ids: Sequence[str], ttl_ms: int
     ) -> int:
-        presence = self._get(conversation_id).presence
+        conversation = self._get(conversation_id)
+        presence = conversation.presence
         now = _now_ms()
         before = len(presence)
         for viewer_id in viewer_ids:
             presence[viewer_id] = now + ttl_ms
         for viewer_id in [v for v, expires in presence.items() if expires < now]:
             del presence[viewer_id]
+            conversation.people.pop(viewer_id, None)
         if len(presence) != before:
-            self._publish_presence(conversation_id, len(presence))
+            self._publish_presence(conversation_id, conversation)
         return len(presence)

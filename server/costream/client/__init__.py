@@ -5,7 +5,8 @@ LiteLLM: a viewer or an external producer imports light. ``costream.client.publi
 (:class:`~costream.client.publisher.TokenPublisher`) is imported on its own.
 """
 
-from costream.client.connect import (
+from costream.client.connect import Conversation, connect
+from costream.client.errors import (
     CLOSE_ABNORMAL,
     CLOSE_CLIENT_GAP,
     CLOSE_PROTOCOL_ERROR,
@@ -15,17 +16,14 @@ from costream.client.connect import (
     ClientError,
     Closed,
     ConnectionLost,
-    Conversation,
     ConversationNotFound,
-    Link,
     OriginRefused,
     Refused,
     Unauthorized,
     Unreachable,
     closed_error,
-    connect,
-    parse_link,
 )
+from costream.client.link import Link, parse_link
 
 __all__ = [
     "CLOSE_ABNORMAL",

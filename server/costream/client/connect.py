@@ -1,29 +1,21 @@
 """The Python client of PROTOCOL.md, on the ``websockets`` library.
 
     async with connect("http://127.0.0.1:8000/c/<id>#t=<token>") as conv:
-        print(conv.role, conv.model, conv.viewers)
+        print(conv.role, conv.model, conv.viewers, [p.name for p in conv.people])
         run_id = await conv.send("Tell me a story")
         async for event in conv:
             ...
 
 Iterating yields the conversation's logged events (the msgspec Structs of
 :mod:`costream.protocol`) in ``seq`` order, with no gap and no duplicate across
-reconnects, and also the ``Presence`` frames (each also updates ``conv.viewers``). When a
+reconnects, and also the ``Presence`` frames (each also updates ``conv.viewers`` and
+``conv.people``, the first 50 viewers with their names, roles and colours). When a
 reconnect lands in ``snapshot`` mode (the events it missed were trimmed, or the log was
 recreated) it yields a ``MessagesSnapshot`` first: drop what you had and rebuild from it.
 If no run had ended yet, that snapshot is empty and has ``seq`` 0.
 
-Errors, all under costream's root ``CostreamError``::
-
-    ClientError
-    ├── BadLink           the URL is no conversation link, or carries no token
-    ├── Unreachable       no connection (refused at first, or max_retries used up)
-    ├── Closed            the server closed for good: ``code``, ``reason``
-    │   ├── Unauthorized          4401 missing or wrong token
-    │   ├── OriginRefused         4403
-    │   └── ConversationNotFound  4404
-    ├── ConnectionLost    the connection dropped while send() or cancel() awaited a reply
-    └── Refused           an ``error`` frame answered send() or cancel(): ``code``, ``message``
+Errors (``ClientError`` and its subclasses) and close codes are in
+:mod:`costream.client.errors`, link parsing in :mod:`costream.client.link`.
 
 This module imports neither the server nor LiteLLM, so it loads fast.
 """
@@ -31,9 +23,6 @@ This module imports neither the server nor LiteLLM, so it loads fast.
 from __future__ import annotations
 
 import asyncio
-import random
-import urllib.parse
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Final, Literal, NoReturn
@@ -44,40 +33,33 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from costream import protocol
-from costream.errors import CostreamError
+from costream.backoff import Backoff
+from costream.client.errors import (
+    CLOSE_ABNORMAL,
+    CLOSE_CLIENT_GAP,
+    CLOSE_PROTOCOL_ERROR,
+    RECONNECT_CODES,
+    BadLink,
+    ConnectionLost,
+    Unreachable,
+    closed_error,
+)
+
+# Also importable from here (cli.py does); costream.client exports every public name.
+from costream.client.errors import ClientError as ClientError
+from costream.client.errors import Closed as Closed
+from costream.client.errors import ConversationNotFound as ConversationNotFound
+from costream.client.errors import Refused as Refused
+from costream.client.errors import Unauthorized as Unauthorized
+from costream.client.link import Link, parse_link
+from costream.client.replies import PendingReplies
 from costream.protocol import (
     CLOSE_BAD_FRAME,
-    CLOSE_BAD_ORIGIN,
-    CLOSE_BAD_TOKEN,
     CLOSE_GOING_AWAY,
-    CLOSE_LOST_TAIL,
-    CLOSE_OVERLOADED,
-    CLOSE_SERVER_ERROR,
-    CLOSE_SLOW_CONSUMER,
-    CLOSE_UNKNOWN_CONVERSATION,
     SUBPROTOCOL,
     Event,
     MessagesSnapshot,
     Presence,
-)
-
-CLOSE_PROTOCOL_ERROR: Final = 1002
-CLOSE_ABNORMAL: Final = 1006  # no close frame: the socket just went away
-CLOSE_SERVICE_RESTART: Final = 1012  # uvicorn's code for the connections it drops on exit
-CLOSE_CLIENT_GAP: Final = 4001  # what this client sends when it saw a seq jump
-
-# Close codes after which the client reconnects and resumes (PROTOCOL.md, "Close codes").
-RECONNECT_CODES: Final = frozenset(
-    {
-        CLOSE_GOING_AWAY,
-        CLOSE_ABNORMAL,
-        CLOSE_SERVER_ERROR,
-        CLOSE_SERVICE_RESTART,
-        CLOSE_OVERLOADED,
-        CLOSE_LOST_TAIL,
-        CLOSE_SLOW_CONSUMER,
-        CLOSE_CLIENT_GAP,
-    }
 )
 
 OPEN_TIMEOUT_S: Final = 10.0
@@ -92,104 +74,6 @@ MAX_FRAME_BYTES: Final = 1024 * 1024
 Item = tuple[Event | Presence, str]  # a frame and its text as the server sent it
 
 
-class ClientError(CostreamError):
-    """Root of the errors this client raises."""
-
-
-class BadLink(ClientError):
-    """The URL is not a conversation link, or no token came with it."""
-
-
-class Unreachable(ClientError):
-    """The server could not be reached."""
-
-
-class Closed(ClientError):
-    """The server closed the connection with a code that says: do not come back."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"connection closed {code}: {reason or 'no reason given'}")
-        self.code = code
-        self.reason = reason
-
-
-class Unauthorized(Closed):
-    """4401: the token is missing or wrong."""
-
-
-class OriginRefused(Closed):
-    """4403: the server does not accept this origin."""
-
-
-class ConversationNotFound(Closed):
-    """4404: there is no such conversation."""
-
-
-class ConnectionLost(ClientError):
-    """The connection dropped while a request waited for its reply; its outcome is unknown."""
-
-
-class Refused(ClientError):
-    """The server answered a request with an ``error`` frame."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-_CLOSED_BY_CODE: Final[dict[int, type[Closed]]] = {
-    CLOSE_BAD_TOKEN: Unauthorized,
-    CLOSE_BAD_ORIGIN: OriginRefused,
-    CLOSE_UNKNOWN_CONVERSATION: ConversationNotFound,
-}
-
-
-def closed_error(code: int, reason: str) -> Closed:
-    """The ``Closed`` subclass for a close code."""
-    return _CLOSED_BY_CODE.get(code, Closed)(code, reason)
-
-
-class Link(msgspec.Struct, frozen=True):
-    """Where a conversation lives: its WebSocket URL, its HTTP base URL, id and token."""
-
-    ws_url: str
-    http_url: str
-    conversation_id: str
-    token: str
-
-
-def parse_link(url: str, token: str | None = None) -> Link:
-    """Parse a share link ``http(s)://host/c/<id>#t=<token>`` or a WebSocket URL
-    ``ws(s)://host/ws/conversations/<id>``; ``token`` wins over the fragment's."""
-    parts = urllib.parse.urlsplit(url.strip())
-    fragment = urllib.parse.parse_qs(parts.fragment)
-    token = token or (fragment.get("t") or [""])[0]
-    path = parts.path.rstrip("/")
-    if parts.scheme in ("http", "https") and "/c/" in path:
-        prefix, _, conversation_id = path.rpartition("/c/")
-        ws_scheme = "wss" if parts.scheme == "https" else "ws"
-        http_scheme = parts.scheme
-    elif parts.scheme in ("ws", "wss") and "/ws/conversations/" in path:
-        prefix, _, conversation_id = path.rpartition("/ws/conversations/")
-        ws_scheme = parts.scheme
-        http_scheme = "https" if parts.scheme == "wss" else "http"
-    else:
-        raise BadLink(
-            "not a conversation link: expected http(s)://host/c/<id>#t=<token> "
-            "or ws(s)://host/ws/conversations/<id>"
-        )
-    if not conversation_id or "/" in conversation_id or not parts.netloc:
-        raise BadLink("not a conversation link: no conversation id in the path")
-    if not token:
-        raise BadLink("no token: use a link that ends in #t=<token>, or pass the token")
-    ws_url = urllib.parse.urlunsplit(
-        (ws_scheme, parts.netloc, f"{prefix}/ws/conversations/{conversation_id}", "", "")
-    )
-    http_url = urllib.parse.urlunsplit((http_scheme, parts.netloc, prefix, "", ""))
-    return Link(ws_url=ws_url, http_url=http_url, conversation_id=conversation_id, token=token)
-
-
 class _Reconnect(Exception):
     """End this connection and open a new one (carries the close code to report)."""
 
@@ -197,9 +81,6 @@ class _Reconnect(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-_PendingKind = Literal["send", "cancel"]
 
 
 class Conversation:
@@ -217,20 +98,24 @@ class Conversation:
         backoff_base: float = 0.25,
         backoff_cap: float = 15.0,
         on_status: Callable[[str], None] | None = None,
+        name: str | None = None,
     ) -> None:
         self.link = link
+        self.name = name  # the display name sent in hello (the server cleans and cuts it)
         self.conversation_id = link.conversation_id
         self.last_seq = last_seq
         self.epoch = epoch
         self.role: Literal["viewer", "writer"] = "viewer"
         self.model = ""
         self.viewers = 0
+        self.people: list[protocol.Person] = []  # the first 50 viewers, in join order
+        self.viewer_id = ""  # this connection's own id in ``people``
         self.head = 0
         self.reconnects = 0
         self.close_codes: list[int] = []  # every close that led to a reconnect, in order
         self._from_start = from_start or last_seq > 0
-        self._max_retries = max_retries
-        self._backoff = (backoff_base, backoff_cap)
+        # Jittered, so that many clients cut off at once do not come back at once.
+        self._backoff = Backoff(backoff_base, backoff_cap, jitter=True, attempts=max_retries)
         self._on_status = on_status
         self._skip_through = 0
         self._expect_snapshot = False
@@ -240,8 +125,7 @@ class Conversation:
         self._ws: ClientConnection | None = None
         self._connected = asyncio.Event()
         self._ready: asyncio.Future[None] | None = None
-        self._pending: deque[tuple[_PendingKind, asyncio.Future[protocol.Frame]]] = deque()
-        self._request_lock = asyncio.Lock()
+        self._replies = PendingReplies()
         self._task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -274,7 +158,7 @@ class Conversation:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        self._fail_pending(ConnectionLost("the client was closed"))
+        self._replies.fail_all(ConnectionLost("the client was closed"))
 
     # ---- reading --------------------------------------------------------------------
 
@@ -301,7 +185,7 @@ class Conversation:
     async def send(self, text: str) -> str:
         """Start a run with a user message; returns its ``runId`` once it is in the log.
         Raises ``Refused`` (``run_active``, ``forbidden``, ``too_large``, ...)."""
-        reply = await self._request("send", protocol.SendMessage(content=text))
+        reply = await self._request(protocol.SendMessage(content=text))
         if isinstance(reply, protocol.Accepted):
             return reply.run_id
         raise ClientError(f"unexpected reply to a message: {type(reply).__name__}")
@@ -310,48 +194,18 @@ class Conversation:
         """Cancel the running run. Raises ``Refused`` (``no_run``, ``forbidden``)."""
         # A cancel that works has no reply of its own (its outcome is RUN_FINISHED
         # cancelled in the log); the ping behind it tells us the server got past it.
-        await self._request("cancel", protocol.Cancel(), protocol.Ping())
+        await self._request(protocol.Cancel(), protocol.Ping())
 
-    async def _request(self, kind: _PendingKind, *frames: protocol.Frame) -> protocol.Frame:
-        try:
-            async with asyncio.timeout(REPLY_TIMEOUT_S):
-                async with self._request_lock:
-                    if self._failure is not None:
-                        raise self._failure
-                    await self._connected.wait()
-                    ws = self._ws
-                    assert ws is not None
-                    reply: asyncio.Future[protocol.Frame] = (
-                        asyncio.get_running_loop().create_future()
-                    )
-                    self._pending.append((kind, reply))
-                    try:
-                        for frame in frames:
-                            await ws.send(protocol.encode(frame).decode())
-                    except ConnectionClosed:
-                        raise ConnectionLost(
-                            "the connection dropped before the request went out"
-                        ) from None
-                answer = await reply
-        except TimeoutError:
-            raise ConnectionLost(f"no reply within {REPLY_TIMEOUT_S:.0f} s") from None
-        if isinstance(answer, protocol.Error):
-            raise Refused(answer.code, answer.message)
-        return answer
+    async def _request(self, *frames: protocol.Frame) -> protocol.Frame:
+        return await self._replies.request(self._connection, frames, REPLY_TIMEOUT_S)
 
-    def _resolve(self, frame: protocol.Accepted | protocol.Error | protocol.Pong) -> None:
-        # The server answers frames in the order it got them, one reader per session.
-        if self._pending:
-            _, future = self._pending.popleft()
-            if not future.done():
-                future.set_result(frame)
-
-    def _fail_pending(self, error: ClientError) -> None:
-        while self._pending:
-            _, future = self._pending.popleft()
-            if not future.done():
-                future.set_exception(error)
-                future.exception()  # a waiter that already gave up must not warn
+    async def _connection(self) -> ClientConnection:
+        """The open connection, once there is one; raises what ended the subscription."""
+        if self._failure is not None:
+            raise self._failure
+        await self._connected.wait()
+        assert self._ws is not None
+        return self._ws
 
     # ---- the connection loop --------------------------------------------------------
 
@@ -360,22 +214,23 @@ class Conversation:
             self._on_status(message)
 
     async def _run(self) -> None:
-        attempt = 0
+        backoff = self._backoff
         try:
             while True:
                 try:
                     await self._session()
                 except _Reconnect as end:
                     code, reason = end.code, end.reason
-                self._fail_pending(ConnectionLost(f"connection closed {code}: {reason}"))
-                attempt = 1 if self._progressed else attempt + 1
-                if self._max_retries is not None and attempt > self._max_retries:
+                self._replies.fail_all(ConnectionLost(f"connection closed {code}: {reason}"))
+                if self._progressed:
+                    backoff.reset()  # this connection worked: a new series of reconnects
+                delay = backoff.next_delay()
+                if delay is None:
                     raise Unreachable(
-                        f"gave up after {self._max_retries} reconnects (last: {code} {reason})"
+                        f"gave up after {backoff.attempts} reconnects (last: {code} {reason})"
                     )
-                base, cap = self._backoff
-                delay = 0.0 if code == CLOSE_CLIENT_GAP else min(cap, base * 2 ** (attempt - 1))
-                delay *= random.uniform(0.5, 1.0)
+                if code == CLOSE_CLIENT_GAP:
+                    delay = 0.0  # our own close to resume: nothing to wait for
                 self.close_codes.append(code)
                 self._status(
                     f"connection closed ({code}{': ' + reason if reason else ''}); "
@@ -390,7 +245,7 @@ class Conversation:
 
     async def _stop(self, error: ClientError) -> None:
         self._connected.clear()
-        self._fail_pending(error)
+        self._replies.fail_all(error)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)
             self._failure = error
@@ -427,6 +282,7 @@ class Conversation:
                 token=self.link.token,
                 last_seq=self.last_seq,
                 epoch=self.epoch,
+                name=self.name,
             )
             async with asyncio.timeout(SEND_TIMEOUT_S):
                 await ws.send(protocol.encode(hello).decode())
@@ -473,6 +329,8 @@ class Conversation:
     def _welcome(self, welcome: protocol.Welcome) -> None:
         first = self._ready is not None and not self._ready.done()
         self.role, self.model, self.viewers = welcome.role, welcome.model, welcome.viewers
+        self.people = welcome.people
+        self.viewer_id = welcome.viewer_id if isinstance(welcome.viewer_id, str) else ""
         self.head = welcome.head
         self.epoch = welcome.epoch
         if first and not self._from_start:
@@ -488,7 +346,7 @@ class Conversation:
     async def _dispatch(self, frame: protocol.ServerFrame, text: str) -> None:
         """Handle one frame after welcome."""
         if isinstance(frame, protocol.Presence):
-            self.viewers = frame.viewers
+            self.viewers, self.people = frame.viewers, frame.people
             await self._queue.put((frame, text))
             return
         if isinstance(frame, protocol.Heartbeat):
@@ -496,7 +354,7 @@ class Conversation:
             self._progressed = True
             return
         if isinstance(frame, protocol.Accepted | protocol.Error | protocol.Pong):
-            self._resolve(frame)
+            self._replies.resolve(frame)
             return
         if isinstance(frame, protocol.Welcome):
             raise msgspec.ValidationError("a second welcome")
@@ -542,13 +400,15 @@ def connect(
     max_buffered: int = 10_000,
     max_retries: int | None = None,
     on_status: Callable[[str], None] | None = None,
+    name: str | None = None,
 ) -> Conversation:
     """A subscription to use as ``async with connect(url, token) as conv``.
 
     ``url`` is a share link (the token in its ``#t=`` fragment) or a WebSocket URL.
     ``from_start=False`` yields only the events logged after connecting. ``max_buffered``
     bounds the frames waiting for the consumer; ``max_retries`` bounds consecutive failed
-    reconnects (None: forever); ``on_status`` gets a line on every reconnect.
+    reconnects (None: forever); ``on_status`` gets a line on every reconnect; ``name`` is
+    the display name other viewers see (none: listed without a name).
     """
     return Conversation(
         parse_link(url, token),
@@ -558,4 +418,5 @@ def connect(
         max_buffered=max_buffered,
         max_retries=max_retries,
         on_status=on_status,
+        name=name,
     )

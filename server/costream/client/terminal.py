@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 from typing import Final, TextIO
 
-from costream import protocol
-from costream.protocol import Event, Presence
+from costream import names, protocol
+from costream.protocol import Event, Person, Presence
 
 RESET: Final = "\x1b[0m"
 BOLD: Final = "1"
@@ -60,6 +60,51 @@ def usage_line(event: protocol.RunFinished) -> str:
         f"{tokens_in:,} in / {tokens_out:,} out tokens, ${meta.cost_usd:.4f} "
         f"(conversation total ${meta.total_cost_usd:.4f})"
     )
+
+
+def who(person: Person) -> str:
+    """``Ann (writer)``; ``a viewer`` for someone who gave no name."""
+    if person.name is None:
+        return f"a {person.role}"
+    return f"{one_line(person.name, names.NAME_MAX_CHARS)} ({person.role})"
+
+
+def header_line(role: str, viewers: int, model: str, people: list[Person], own_id: str = "") -> str:
+    """What ``costream watch`` says once connected: ``connected as viewer · 3 watching
+    (Ann, Bob and 1 more) · model costream/demo``."""
+    others = [p.name for p in people if p.id != own_id and p.name is not None]
+    named = ""
+    if others:
+        shown = ", ".join(one_line(name, names.NAME_MAX_CHARS) for name in others[:3])
+        more = viewers - 1 - len(others[:3])
+        named = f" ({shown}{f' and {more} more' if more > 0 else ''})"
+    return f"connected as {role} · {viewers} watching{named} · model {model}"
+
+
+class PresenceReporter:
+    """Who joins and who leaves, told from one ``presence`` list to the next.
+
+    Lists are bounded (the first 50 by join time): someone who moves up into the list
+    when another leaves joined earlier than anyone seen, so is not announced as joining.
+    """
+
+    def __init__(self, people: list[Person], own_id: str = "") -> None:
+        self._own_id = own_id
+        self._known = {p.id: p for p in people if p.id != own_id}
+        self._newest = max((p.since for p in people), default=0)
+
+    def changes(self, people: list[Person]) -> list[str]:
+        """``Ann (viewer) joined`` / ``Bob (writer) left`` lines, joins first."""
+        now = {p.id: p for p in people if p.id != self._own_id}
+        lines = [
+            f"{who(p)} joined"
+            for key, p in now.items()
+            if key not in self._known and p.since >= self._newest
+        ]
+        lines += [f"{who(p)} left" for key, p in self._known.items() if key not in now]
+        self._known = now
+        self._newest = max([self._newest, *(p.since for p in people)])
+        return lines
 
 
 class TerminalRenderer:
@@ -123,9 +168,11 @@ class TerminalRenderer:
         match event:
             case protocol.RunStarted():
                 prompt = " ".join(m.content for m in event.input.messages)
+                senders = [m.name for m in event.input.messages if isinstance(m.name, str)]
+                by = f" by {one_line(senders[0], names.NAME_MAX_CHARS)}" if senders else ""
                 if self._wrote:
                     self._blank_line()
-                self._rule(f"run started: {one_line(prompt)}", BOLD)
+                self._rule(f"run started{by}: {one_line(prompt)}", BOLD)
             case protocol.ReasoningMessageContent():
                 self._label("thinking", event.message_id, "THINKING", MAGENTA)
                 self._write(event.delta, DIM)

@@ -9,7 +9,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from costream.errors import NoRun, NotFound, RunActive
+from costream.bodies import ascii_int
+from costream.errors import ExternallyProduced, NoRun, NotFound, RunActive
 from costream.server.deps import (
     HTTPError,
     api,
@@ -19,7 +20,7 @@ from costream.server.deps import (
     read_json_body,
     services_of,
 )
-from costream.server.sse import event_stream
+from costream.server.sse import event_stream, logged_events
 
 
 def _optional_str(body: dict[str, Any], name: str, limit: int) -> str | None:
@@ -114,6 +115,12 @@ async def post_message(request: Request) -> Response:
         raise HTTPError(400, "bad_request", 'body must be {"content": "<non-empty text>"}')
     try:
         run_id = await services.runs.start(conversation.id, content)
+    except ExternallyProduced:
+        raise HTTPError(
+            409,
+            "external_producer",
+            "this conversation's runs come from an external program (its publisher)",
+        ) from None
     except RunActive:
         raise HTTPError(409, "run_active", "a run is already active") from None
     except NotFound:
@@ -135,9 +142,10 @@ def _int_param(request: Request, name: str, default: int, maximum: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) > maximum:
+    value = ascii_int(raw, maximum)
+    if value is None:
         raise HTTPError(400, "bad_request", f"{name} must be an integer from 0 to {maximum}")
-    return int(raw)
+    return value
 
 
 @api
@@ -146,16 +154,21 @@ async def get_events(request: Request) -> Response:
     after = _int_param(request, "after", 0, 2**62)
     if "text/event-stream" in request.headers.get("accept", ""):
         last_event_id = request.headers.get("last-event-id", "")
-        if last_event_id.isdigit():
-            after = int(last_event_id)
+        if last_event_id:
+            resumed = ascii_int(last_event_id, 2**62)
+            if resumed is None:
+                raise HTTPError(
+                    400, "bad_request", "Last-Event-ID must be an integer from 0 to 2**62"
+                )
+            after = resumed
         return StreamingResponse(
             event_stream(services, conversation.id, after),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     limit = _int_param(request, "limit", 1000, 10_000)
-    frames = await services.broker.read_log(conversation.id, after, limit)
-    return Response(b"[" + b",".join(frames) + b"]", media_type="application/json")
+    body = await logged_events(services, conversation.id, after, limit)
+    return Response(body, media_type="application/json")
 
 
 @api
@@ -179,7 +192,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """200 ``ready`` once LiteLLM is loaded and warm and the storage answers; 503
+    ``loading`` before (the first run would wait seconds for LiteLLM), 503 when the
+    storage does not answer."""
     if await services_of(request).broker.ping():
+        readiness = getattr(request.app.state, "readiness", None)
+        if readiness is not None and not readiness.loaded:
+            return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ready"})
     return error_response(503, "unavailable", "storage unavailable")
 

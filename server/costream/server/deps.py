@@ -6,16 +6,16 @@ existence is not a secret; its content is).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from costream.agent.runner import Runs
+from costream.bodies import BadInput, ascii_int, decode_json
 from costream.broker import Broker
 from costream.config import Settings
 from costream.errors import StorageUnavailable
@@ -70,6 +70,9 @@ class Services:
     runs: Runs
     metrics: Metrics
     sessions: Sessions
+    # Called once the app has started, inside the server's own start-up (serve.py hooks
+    # its signal handling here, on top of uvicorn's).
+    on_started: list[Callable[[], None]] = field(default_factory=list)
 
 
 class HTTPError(Exception):
@@ -88,20 +91,39 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
 async def read_json_body(request: Request, limit: int) -> Any:
-    """The JSON body, at most ``limit`` bytes (413), parsed (400)."""
+    """The JSON body, at most ``limit`` bytes (413), sent as JSON (415), decoded (400:
+    malformed, nested deeper than ``bodies.MAX_JSON_DEPTH``, lone surrogates, numbers out
+    of range). Requiring a JSON content type keeps cross-site ``text/plain`` posts, which
+    a browser sends without asking, from acting on the API."""
     declared = request.headers.get("content-length")
     too_large = HTTPError(413, "too_large", f"body larger than {limit} bytes")
-    if declared and declared.isdigit() and int(declared) > 4 * limit:
+    if (
+        declared is not None
+        and (size := ascii_int(declared, 2**62)) is not None
+        and size > 4 * limit
+    ):
         raise too_large  # not worth reading: the connection is dropped after the answer
+    if not _is_json(request.headers.get("content-type", "")):
+        raise HTTPError(415, "unsupported_media_type", "send the body as application/json")
     body = bytearray()
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > 4 * limit:
-            raise too_large
-        if received <= limit:
-            body += chunk
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > 4 * limit:
+                raise too_large
+            if received <= limit:
+                body += chunk
+    except ClientDisconnect:
+        raise HTTPError(400, "bad_request", "the client left before the body ended") from None
     # A body a little over the limit is read to its end before the 413, so that the
     # client, still sending, gets the answer instead of a broken pipe.
     if received > limit:
@@ -109,9 +131,9 @@ async def read_json_body(request: Request, limit: int) -> Any:
     if not body:
         return {}
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, "bad_request", "body is not valid JSON") from None
+        return decode_json(bytes(body))
+    except BadInput as error:
+        raise HTTPError(400, "bad_request", error.message) from None
 
 
 def services_of(request: Request | WebSocket) -> Services:

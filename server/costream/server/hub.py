@@ -21,28 +21,58 @@ after an overflow or a lost frame reads them from memory, not from the broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Final
 
 from costream.broker import Broker
 from costream.metrics import Metrics
+from costream.protocol import seq_of, seq_of_text
 
-_SEQ_PREFIX: Final = '{"seq":'
 _LOG_PAGE: Final = 1000
 PRESENCE_INTERVAL_S: Final = 0.25
 RECENT_FRAMES: Final = 2048
 
 
-def seq_of_text(frame: str) -> int:
-    """The seq of a logged frame, 0 for a frame that is not logged (presence)."""
-    if not frame.startswith(_SEQ_PREFIX):
-        return 0
-    return int(frame[len(_SEQ_PREFIX) : frame.index(",", len(_SEQ_PREFIX))])
-
-
 class FellBehind(Exception):
     """The events a follower needs were trimmed from the log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a client that holds the log up to ``last_seq`` resumes (PROTOCOL.md,
+    Subscribe and resume): a replay after ``last_seq``, or a snapshot then the log."""
+
+    epoch: str
+    head: int
+    replay: bool  # the events after last_seq are all retained
+    start: int  # follow the log after this seq
+    snapshot: bytes | None  # MESSAGES_SNAPSHOT to send first (not a replay, a run ended)
+
+
+async def resume_point(
+    broker: Broker, conversation_id: str, last_seq: int, epoch: str | None = None
+) -> Resume | None:
+    """The same answer for the WebSocket, SSE and the JSON events endpoint: a replay when
+    ``epoch`` is None or current, ``last_seq`` <= head and the events after it are retained;
+    otherwise the latest snapshot and the events after it (from seq 1 when no run has
+    ended). None: unknown conversation."""
+    state = await broker.log_state(conversation_id)
+    if state is None:
+        return None
+    replay = (
+        (epoch is None or epoch == state.epoch)
+        and last_seq <= state.head
+        and (last_seq + 1 >= state.first_seq or last_seq == state.head)
+    )
+    if replay:
+        return Resume(state.epoch, state.head, True, last_seq, None)
+    snapshot = await broker.read_snapshot(conversation_id)
+    start = seq_of(snapshot) if snapshot is not None else 0
+    return Resume(state.epoch, state.head, False, start, snapshot)
 
 
 class ViewerQueue:
@@ -138,6 +168,16 @@ class ViewerQueue:
             self._idle_timer = None
 
 
+class _ConversationLock:
+    """A conversation's subscription lock and how many hold or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class Hub:
     """One process's subscriptions, shared by all its followers of each conversation."""
 
@@ -145,7 +185,7 @@ class Hub:
         self.broker = broker
         self.metrics = metrics
         self._queues: dict[str, set[ViewerQueue]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _ConversationLock] = {}  # only while held or awaited
         self._recent: dict[str, deque[tuple[int, str]]] = {}
         self._presence: dict[str, str] = {}  # latest count not yet forwarded
         self._presence_timer: asyncio.TimerHandle | None = None
@@ -197,10 +237,27 @@ class Hub:
         for queue in self._queues.get(conversation_id, ()):
             queue.mark_resync()
 
+    @contextlib.asynccontextmanager
+    async def _changing(self, conversation_id: str) -> AsyncIterator[None]:
+        """Hold the conversation's lock. One lock per conversation for as long as anyone
+        holds or waits for it: dropped only by the last user, so a viewer arriving while
+        the last one leaves waits for the unsubscribe and then subscribes again, never
+        beside it (two locks would let the broker end unsubscribed under a follower)."""
+        entry = self._locks.get(conversation_id)
+        if entry is None:
+            entry = self._locks[conversation_id] = _ConversationLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[conversation_id]
+
     async def attach(self, conversation_id: str, queue: ViewerQueue) -> None:
         """Start copying live frames into ``queue``; subscribed when this returns."""
-        lock = self._locks.setdefault(conversation_id, asyncio.Lock())
-        async with lock:
+        async with self._changing(conversation_id):
             queues = self._queues.get(conversation_id)
             if queues is None:
                 await self.broker.subscribe(conversation_id)
@@ -209,8 +266,8 @@ class Hub:
             queues.add(queue)
 
     async def detach(self, conversation_id: str, queue: ViewerQueue) -> None:
-        lock = self._locks.setdefault(conversation_id, asyncio.Lock())
-        async with lock:
+        """Stop copying into ``queue``; the last follower leaving unsubscribes."""
+        async with self._changing(conversation_id):
             queues = self._queues.get(conversation_id)
             if queues is None:
                 return
@@ -219,7 +276,6 @@ class Hub:
                 del self._queues[conversation_id]
                 del self._recent[conversation_id]
                 self._presence.pop(conversation_id, None)
-                self._locks.pop(conversation_id, None)
                 await self.broker.unsubscribe(conversation_id)
 
 

@@ -3,8 +3,11 @@
 A program that cannot reach the servers' Redis publishes its LLM stream with the
 conversation's write token:
 
-- ``POST /api/conversations/{id}/runs`` ``{"input"}``: takes the run lease and appends
-  ``RUN_STARTED`` (201 ``{"runId", "leaseTtlMs"}``; 409 while a run is active).
+- ``POST /api/conversations/{id}/runs`` ``{"input", "model"?, "exclusive"?}``: takes the
+  run lease and appends ``RUN_STARTED`` (201 ``{"runId", "leaseTtlMs"}``; 409 while a run
+  is active). ``model`` becomes the model shown to viewers; ``exclusive: true`` marks the
+  conversation as owned by an external producer: from then on a writer's message starts
+  no run on the servers (409 ``run_active``), only the ingest endpoints do.
 - ``POST .../runs/{runId}/events`` with a JSON array of events without ``seq``: each is
   checked with the protocol's decoder, stamped with the server's time and appended in
   order under the run's lease, which the call renews (202 ``{"head", "cancelRequested"}``;
@@ -12,7 +15,8 @@ conversation's write token:
   ``RUN_ERROR``) and ``MESSAGES_SNAPSHOT`` are refused.
 - ``POST .../runs/{runId}/finish`` ``{"outcome", "usage"?, "costUsd"?, "model"?,
   "error"?, "messages"?}``: closes what is still open, records the history and cost,
-  appends ``RUN_FINISHED`` or ``RUN_ERROR`` and releases the lease (200).
+  appends ``RUN_FINISHED`` or ``RUN_ERROR`` and releases the lease (200); ``model``
+  becomes the model shown to viewers.
 
 The fence the run started with is kept beside it, so a call for a run that was reaped
 (its lease expired: ``producer_lost``) gets 409 even though the reaper holds a lease.
@@ -28,14 +32,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from costream import protocol
+from costream import lifecycle, protocol
 from costream.broker import ActiveRun, RunLease
 from costream.errors import LeaseLost, NotFound, RunActive
-from costream.lifecycle import RunEnd, finish_external_run, open_run
+from costream.grammar import GrammarError, RunGrammar, grammar_decoder, grammar_encoder
+from costream.lifecycle import RunEnd, open_run
 from costream.protocol import ErrorCode, Event, SnapshotMessage, Usage
 from costream.server.deps import HTTPError, Services, api, authorize, read_json_body
 
 _FENCES: Final = "ingest_fences"  # store map: run id -> the fence it started with
+_GRAMMAR: Final = "ingest_grammar"  # store map: run id -> its RunGrammar so far
 _REFUSED: Final = (
     protocol.RunStarted,
     protocol.RunFinished,
@@ -53,7 +59,7 @@ class _ErrorBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class _FinishBody(msgspec.Struct, rename="camel", kw_only=True, forbid_unknown_fields=True):
     outcome: Literal["success", "cancelled", "error"]
     usage: Usage = msgspec.field(default_factory=Usage)
-    cost_usd: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    cost_usd: protocol.CostUsd = 0.0
     model: Annotated[str, msgspec.Meta(max_length=200)] | None = None
     error: _ErrorBody | None = None
     messages: list[SnapshotMessage] = msgspec.field(default_factory=list)
@@ -96,20 +102,31 @@ async def start_run(request: Request) -> Response:
         )
     if not isinstance(content, str) or not content.strip():
         raise _bad_request('body must be {"input": "<the user\'s message>"}')
+    model, exclusive = body.get("model"), body.get("exclusive", False)
+    if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 200):
+        raise _bad_request("model must be a model name of 1 to 200 characters")
+    if not isinstance(exclusive, bool):
+        raise _bad_request("exclusive must be true or false")
+    store = services.store
+    if exclusive and not conversation.external:
+        await store.mark_external(conversation.id)
     try:
         lease = await open_run(
             services.broker,
-            services.store,
+            store,
             conversation.id,
             content,
             settings.lease_ttl_ms,
             services.runs.reap,
+            external=True,
         )
     except RunActive:
         raise HTTPError(409, "run_active", "a run is already active") from None
     except NotFound:
         raise HTTPError(404, "not_found", "unknown conversation") from None
     await services.broker.map_set(conversation.id, _FENCES, lease.run_id, str(lease.fence).encode())
+    if model and model != conversation.model:
+        await store.set_model(conversation.id, model)
     services.metrics.runs_started.inc()
     services.metrics.events_appended.inc()
     return JSONResponse(
@@ -117,11 +134,11 @@ async def start_run(request: Request) -> Response:
     )
 
 
-def _decode_events(body: Any) -> list[bytes]:
-    """The events of a request, checked and re-encoded with the server's timestamp."""
+def _decode_events(body: Any) -> list[Event]:
+    """The events of a request, checked one by one and stamped with the server's time."""
     if not isinstance(body, list):
         raise _bad_request("body must be a JSON array of events")
-    bodies = []
+    events: list[Event] = []
     for position, item in enumerate(body):
         try:
             event: Event = msgspec.convert(item, Event)
@@ -129,20 +146,40 @@ def _decode_events(body: Any) -> list[bytes]:
             raise _bad_request(f"event {position}: {error}") from None
         if isinstance(event, _REFUSED):
             raise _bad_request(f"event {position}: {type(event).__name__} is not allowed here")
-        stamped = msgspec.structs.replace(event, seq=msgspec.UNSET, timestamp=protocol.now_ms())
-        bodies.append(protocol.encode(stamped))
-    return bodies
+        events.append(
+            msgspec.structs.replace(event, seq=msgspec.UNSET, timestamp=protocol.now_ms())
+        )
+    return events
+
+
+async def _check_grammar(
+    services: Services, conversation_id: str, run_id: str, events: list[Event]
+) -> bytes:
+    """The run's grammar state once ``events`` are taken in (400 naming the first event
+    that breaks the segment grammar). Kept beside the run, so any process may take the
+    run's next request."""
+    stored = await services.broker.map_get(conversation_id, _GRAMMAR, run_id)
+    state = RunGrammar() if stored is None else grammar_decoder.decode(stored)
+    try:
+        state.check(events)
+    except GrammarError as error:
+        raise _bad_request(str(error)) from None
+    return grammar_encoder.encode(state)
 
 
 @api
 async def post_events(request: Request) -> Response:
     services, conversation, _ = await authorize(request, write=True)
     body = await read_json_body(request, services.settings.max_body_bytes)
-    bodies = _decode_events(body)
+    events = _decode_events(body)
     run_id = request.path_params["run_id"]
     lease, _ = await _lease(services, conversation.id, run_id)
     broker = services.broker
+    bodies = [protocol.encode(event) for event in events]
     try:
+        if bodies:
+            state = await _check_grammar(services, conversation.id, run_id, events)
+            await broker.map_set(conversation.id, _GRAMMAR, run_id, state)
         head = await broker.append(lease, bodies) if bodies else None
         cancel = await broker.renew_lease(lease, services.settings.lease_ttl_ms)
     except LeaseLost:
@@ -171,17 +208,20 @@ async def finish_run(request: Request) -> Response:
         error_message=error.message,
         messages=finish.messages,
     )
+    if finish.model and finish.model != conversation.model:
+        await services.store.set_model(conversation.id, finish.model)  # before viewers see the end
     # Whatever the producer left open is closed here, as the reaper would.
-    closing = await services.runs.closing_events(conversation.id, active.start_seq)
+    closing = await lifecycle.closing_events(services.broker, conversation.id, active.start_seq)
     try:
-        head = await finish_external_run(services.broker, services.store, lease, end, closing)
+        ended = await lifecycle.end_run(services.broker, services.store, lease, end, closing)
     except LeaseLost:
         raise _no_run(run_id) from None
     await services.broker.map_delete(conversation.id, _FENCES, run_id)
-    services.metrics.events_appended.inc(len(closing) + 1)
+    await services.broker.map_delete(conversation.id, _GRAMMAR, run_id)
+    services.metrics.events_appended.inc(ended.events)
     if finish.outcome == "error":
         services.metrics.run_errors.inc()
-    return JSONResponse({"runId": run_id, "head": head})
+    return JSONResponse({"runId": run_id, "head": ended.head})
 
 
 def routes() -> list[BaseRoute]:

@@ -2,8 +2,11 @@
 
 ``costream serve`` ends here. One process runs :func:`app.create_app` under a uvicorn
 server that closes viewers with 1001 before anything else on SIGTERM; ``--workers N``
-runs N such processes on one socket (they share nothing but Redis). Log records are
-scrubbed of the settings' secrets before any handler sees them.
+runs N such processes on one socket, and each worker is the same server: its logging
+configured, its log records scrubbed of the settings' secrets before any handler sees
+them, its viewers closed with 1001 on SIGTERM, and its ``/metrics`` answering for all the
+workers (added up through a directory the parent makes, see ``metrics.SharedMetrics``).
+They share nothing else but Redis.
 """
 
 from __future__ import annotations
@@ -13,36 +16,74 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
-from typing import Any
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 
 from costream.config import Settings
+from costream.metrics import SharedMetrics
 from costream.server.app import create_app
 from costream.server.deps import Services
 
+if TYPE_CHECKING:
+    import uvicorn
+
 _SETTINGS_ENV = "COSTREAM_SETTINGS_JSON"
+_METRICS_DIR_ENV = "COSTREAM_WORKER_METRICS_DIR"
 
 
 def app_from_env() -> Starlette:
-    """Factory for ``--workers``: each worker process reads the parent's settings."""
+    """Factory for ``--workers``: each worker process reads the parent's settings and
+    becomes the same server as a single process (logging, redaction, 1001 on SIGTERM),
+    with ``/metrics`` for all the workers."""
     raw = os.environ.get(_SETTINGS_ENV)
     if raw is None:
-        return create_app(Settings.from_env())
-    values = json.loads(raw)
-    values["allowed_origins"] = tuple(values["allowed_origins"])
-    return create_app(Settings(**values))
+        settings = Settings.from_env()
+    else:
+        values = json.loads(raw)
+        values["allowed_origins"] = tuple(values["allowed_origins"])
+        settings = Settings(**values)
+    # A worker is a fresh interpreter (uvicorn spawns it): the parent's logging set-up
+    # and record factory are not inherited.
+    configure_logging(settings)
+    app = create_app(settings)
+    services: Services = app.state.services
+    services.on_started.append(lambda: _close_viewers_first_on_signals(None, services))
+    shared_dir = os.environ.get(_METRICS_DIR_ENV)
+    if shared_dir:
+        shared = services.metrics.shared = SharedMetrics(services.metrics, Path(shared_dir))
+        services.on_started.append(lambda: _keep_writing(shared))
+    return app
+
+
+def configure_logging(settings: Settings) -> None:
+    """costream's INFO lines on stderr, scrubbed of the settings' secrets."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    redact_secrets_in_logs(settings.secrets())
+
+
+def _keep_writing(shared: SharedMetrics) -> None:
+    # Started from the app's start-up, in the server's loop; cancelled (and so written
+    # one last time) when that loop ends.
+    _background.add(asyncio.get_running_loop().create_task(shared.run()))
+
+
+_background: set[asyncio.Task[None]] = set()  # tasks referenced until the process ends
 
 
 def serve(settings: Settings, workers: int = 1) -> None:
     """Run the server (blocking). ``workers > 1`` needs Redis: processes share nothing else."""
     import uvicorn
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    redact_secrets_in_logs(settings.secrets())
+    configure_logging(settings)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -57,6 +98,8 @@ def serve(settings: Settings, workers: int = 1) -> None:
         "ws_per_message_deflate": False,
         "timeout_graceful_shutdown": int(settings.shutdown_grace_s) + 5,
         "log_level": "info",
+        # The loop asyncio.run makes (the single process runs uvicorn.Server.serve in it).
+        "loop": "asyncio",
     }
     if workers > 1:
         if not settings.redis_url:
@@ -69,10 +112,15 @@ def serve(settings: Settings, workers: int = 1) -> None:
         config = uvicorn.Config(
             "costream.server.serve:app_from_env", factory=True, workers=workers, **options
         )
-        Multiprocess(config, sockets=[_listen(config, settings)]).run()
+        with tempfile.TemporaryDirectory(prefix="costream-metrics-") as metrics_dir:
+            os.environ[_METRICS_DIR_ENV] = metrics_dir
+            Multiprocess(config, sockets=[_listen(config, settings)]).run()
     else:
-        config = uvicorn.Config(create_app(settings), **options)
-        _graceful_server(config).run(sockets=[_listen(config, settings)])
+        app = create_app(settings)
+        config = uvicorn.Config(app, **options)
+        server = uvicorn.Server(config)
+        services: Services = app.state.services
+        asyncio.run(_serve_gracefully(server, [_listen(config, settings)], services))
 
 
 def redact_secrets_in_logs(secrets: list[str]) -> None:
@@ -117,20 +165,45 @@ def _listen(config: Any, settings: Settings) -> socket.socket:
     return sock
 
 
-def _graceful_server(config: Any) -> Any:
-    import uvicorn
+async def _serve_gracefully(
+    server: uvicorn.Server, sockets: list[socket.socket], services: Services
+) -> None:
+    """``server.serve``, where SIGTERM and SIGINT first close viewers with 1001 (go
+    elsewhere), then reach uvicorn, which closes the remaining connections with 1012.
 
-    services: Services = config.app.state.services
+    uvicorn installs its signal handlers as ``serve`` begins and puts the previous ones
+    back (and re-raises the signal) as it ends. Ours go on top of its handlers from the
+    app's start-up (which uvicorn runs after installing its own, and before it answers
+    any request), and hand each signal on to the handler they replaced.
+    """
+    services.on_started.append(lambda: _close_viewers_first_on_signals(server, services))
+    await server.serve(sockets)
 
-    class GracefulServer(uvicorn.Server):
-        """Closes viewers with 1001 (go elsewhere) before uvicorn closes the rest with 1012."""
 
-        async def shutdown(self, sockets: list[Any] | None = None) -> None:
-            for server in self.servers:
-                server.close()  # stop accepting first, so clients reconnect elsewhere
-            await asyncio.gather(
-                *(session.close_going_away() for session in services.sessions.all())
-            )
-            await super().shutdown(sockets)
+def _close_viewers_first_on_signals(server: uvicorn.Server | None, services: Services) -> None:
+    """On SIGTERM or SIGINT: stop accepting (``server``; a worker, which has no hold of its
+    uvicorn server, shares the listening socket with the others), close every viewer with
+    1001, then hand the signal on to uvicorn."""
+    loop = asyncio.get_running_loop()
+    leaving: set[asyncio.Task[None]] = set()
 
-    return GracefulServer(config)
+    async def leave(number: int, pass_on: Callable[[int, FrameType | None], Any]) -> None:
+        try:
+            for listener in server.servers if server is not None else ():
+                listener.close()  # stop accepting first, so clients reconnect elsewhere
+            sessions = services.sessions.all()
+            await asyncio.gather(*(session.close_going_away() for session in sessions))
+        finally:
+            pass_on(number, None)
+
+    def on_signal(number: int, pass_on: Callable[[int, FrameType | None], Any]) -> None:
+        if leaving:  # a second signal: uvicorn's call (a second Ctrl+C forces the exit)
+            pass_on(number, None)
+            return
+        task = loop.create_task(leave(number, pass_on))
+        leaving.add(task)
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        uvicorn_handler = signal.getsignal(number)
+        if callable(uvicorn_handler):
+            loop.add_signal_handler(number, on_signal, number, uvicorn_handler)

@@ -11,14 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal, cast
 
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from costream import protocol
-from costream.errors import NoRun, NotFound, RunActive, StorageUnavailable
+from costream import names, protocol
+from costream.bodies import MAX_JSON_DEPTH, json_depth_ok
+from costream.errors import (
+    ExternallyProduced,
+    NoRun,
+    NotFound,
+    RunActive,
+    StorageUnavailable,
+)
 from costream.protocol import (
     CLOSE_BAD_FRAME,
     CLOSE_BAD_ORIGIN,
@@ -30,6 +38,7 @@ from costream.protocol import (
     CLOSE_UNKNOWN_CONVERSATION,
     SUBPROTOCOL,
 )
+from costream.server.guard import origin_allowed
 from costream.server.hub import FellBehind, Follower
 from costream.store import mint_id
 
@@ -38,8 +47,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PRESENCE_PREFIX = '{"type":"presence"'
-_presence_decoder = msgspec.json.Decoder(protocol.Presence)
+_person_decoder = msgspec.json.Decoder(protocol.Person)
+_CLOSE_WAIT_S: Final = 2.0
+_CANCEL_AGAIN_S: Final = 0.05
+
+# Colours for people's initials, each readable with white text (WCAG AA on #fff text).
+PERSON_COLORS: Final = (
+    "#b42318",
+    "#b54708",
+    "#067647",
+    "#0e7090",
+    "#175cd3",
+    "#5925dc",
+    "#9f1ab1",
+    "#c01048",
+)
+
+
+def person_color(key: str) -> str:
+    """The colour of a name (the same in every session and process), or of a session."""
+    return PERSON_COLORS[zlib.crc32(key.casefold().encode()) % len(PERSON_COLORS)]
 
 
 class Close(Exception):
@@ -72,19 +99,36 @@ class RateLimit:
         return True
 
 
-def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
-    """No Origin (not a browser), one of ``allowed``, or else the server's own host
-    or loopback."""
-    origin = websocket.headers.get("origin")
-    if origin is None:
-        return True
-    if allowed:
-        return origin in allowed or "*" in allowed
-    host = origin.split("://", 1)[-1].split("/", 1)[0]
-    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if hostname in ("localhost", "127.0.0.1", "[::1]"):
-        return True
-    return host == websocket.headers.get("host")
+class SendWatchdog:
+    """The send timeout of one writer: a batch still not sent after ``timeout_s`` ends
+    the writer's ``asyncio.timeout`` block with TimeoutError.
+
+    The block is entered once for the writer's life with no deadline; one timer wakes at
+    most every ``timeout_s`` and, when the batch marked in ``since`` is overdue, moves the
+    block's deadline to now. So each batch costs an attribute write, not a timer
+    scheduled and cancelled, and asyncio's own timeout owns the cancellation.
+    """
+
+    def __init__(self, deadline: asyncio.Timeout, timeout_s: float) -> None:
+        self.since: float | None = None  # loop time the batch being sent began
+        self._deadline = deadline
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(timeout_s, self._check)
+
+    def _check(self) -> None:
+        now, since = self._loop.time(), self.since
+        if since is not None and now - since >= self._timeout_s:
+            self._timer = None
+            self._deadline.reschedule(now)
+            return
+        start = now if since is None else since
+        self._timer = self._loop.call_at(start + self._timeout_s, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class ViewerSession:
@@ -98,12 +142,10 @@ class ViewerSession:
         self.viewer_id = mint_id(12)
         self.role: Literal["viewer", "writer"] = "viewer"
         self.follower: Follower | None = None
-        self.viewers_told = 0  # the viewer count this client was last told
+        self.name: str | None = None  # the display name it gave, cleaned
+        self.presence_told = ""  # the presence this client was last told, as a frame
         self.messages = RateLimit(rate=0.5, burst=5)
         self.frames = RateLimit(rate=20, burst=60)
-        self._sending_since: float | None = None  # loop time the current batch began
-        self._send_timed_out = False
-        self._watchdog: asyncio.TimerHandle | None = None
 
     async def serve(self) -> None:
         metrics = self.services.metrics
@@ -126,7 +168,7 @@ class ViewerSession:
         await self.websocket.accept(subprotocol=chosen)
         if chosen != SUBPROTOCOL:
             raise Close(CLOSE_BAD_FRAME, f"subprotocol {SUBPROTOCOL} required")
-        if not origin_allowed(self.websocket, self.settings.allowed_origins):
+        if not origin_allowed(self.websocket.headers, self.settings):
             raise Close(CLOSE_BAD_ORIGIN, "origin not allowed")
 
     async def _serve_accepted(self) -> None:
@@ -165,9 +207,14 @@ class ViewerSession:
             self.follower = follower
             services.sessions.add(self)
             try:
+                person = self._person(hello.name)
                 viewers = await services.broker.presence_join(
-                    self.conversation_id, self.viewer_id, self.settings.presence_ttl_ms
+                    self.conversation_id,
+                    self.viewer_id,
+                    self.settings.presence_ttl_ms,
+                    protocol.encoder.encode(person),
                 )
+                people = await services.broker.presence_people(self.conversation_id)
                 welcome = protocol.Welcome(
                     conversation_id=self.conversation_id,
                     epoch=state.epoch,
@@ -176,8 +223,10 @@ class ViewerSession:
                     viewers=viewers,
                     mode="replay" if replay else "snapshot",
                     model=conversation.model,
+                    people=[_person_decoder.decode(entry) for entry in people],
+                    viewer_id=self.viewer_id,
                 )
-                self.viewers_told = viewers
+                self.presence_told = protocol.presence_frame(viewers, people).decode()
                 await self._send(protocol.encode(welcome).decode())
                 if snapshot is not None:
                     await self._send(snapshot.decode())
@@ -196,14 +245,22 @@ class ViewerSession:
         except StorageUnavailable:
             pass  # the entry expires on its own
 
+    async def _receive_text(self) -> str:
+        """The next frame's text; a binary frame closes 4400 (PROTOCOL.md: text only)."""
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+        text = message.get("text")
+        if text is None:  # ASGI: a binary frame comes as "bytes", with "text" absent or None
+            raise Close(CLOSE_BAD_FRAME, "text frames only")
+        return cast(str, text)
+
     async def _receive_hello(self) -> protocol.Hello:
         try:
             async with asyncio.timeout(self.settings.hello_timeout_s):
-                text = await self.websocket.receive_text()
+                text = await self._receive_text()
         except TimeoutError:
             raise Close(CLOSE_BAD_FRAME, "no hello in time") from None
-        except KeyError:
-            raise Close(CLOSE_BAD_FRAME, "text frames only") from None
         frame = self._decode(text)
         if not isinstance(frame, protocol.Hello):
             raise Close(CLOSE_BAD_FRAME, "the first frame must be hello")
@@ -213,6 +270,10 @@ class ViewerSession:
 
     @staticmethod
     def _decode(text: str) -> protocol.ClientFrame:
+        # Checked before decoding: msgspec recurses once per level and would end a deep
+        # frame with RecursionError (a 1006 and a traceback) instead of 4400.
+        if not json_depth_ok(text):
+            raise Close(CLOSE_BAD_FRAME, f"bad frame: nested deeper than {MAX_JSON_DEPTH}")
         try:
             frame: protocol.ClientFrame = protocol.client_frame_decoder.decode(text)
         except msgspec.ValidationError as error:
@@ -226,17 +287,20 @@ class ViewerSession:
         (Not a TaskGroup: it would wrap a ``Close`` in an ExceptionGroup.)"""
         reader = asyncio.create_task(self._reader())
         writer = asyncio.create_task(self._writer())
-        loop = asyncio.get_running_loop()
-        self._watchdog = loop.call_later(self.settings.send_timeout_s, self._watch_sends, writer)
         try:
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-                self._watchdog = None
+            pending = {reader, writer}
+            while pending:
+                # Cancel again until both end: a cancel that lands inside a Redis command
+                # can be lost (seen with redis-py: the writer went on to wait for its next
+                # heartbeat), and then a bad frame after hello was never answered 4400.
+                for task in pending:
+                    task.cancel()
+                _, pending = await asyncio.wait(pending, timeout=_CANCEL_AGAIN_S)
             for task in (reader, writer):
-                task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
+                if not task.cancelled():
+                    task.exception()  # retrieved: the one that matters is re-raised below
         for task in done:
             if not task.cancelled() and (error := task.exception()) is not None:
                 raise error
@@ -247,71 +311,78 @@ class ViewerSession:
         sent = self.services.metrics.frames_sent
         heartbeat_s = self.settings.heartbeat_s
         try:
-            while True:
-                batch = await follower.next_batch(heartbeat_s)
-                if not batch:
-                    head = await follower.check_head()
-                    await self._send_batch(
-                        [protocol.encode(protocol.Heartbeat(head=head)).decode()]
-                    )
-                    continue
-                await self._send_batch(batch)
-                sent.inc(len(batch))
+            async with asyncio.timeout(None) as deadline:
+                watchdog = SendWatchdog(deadline, self.settings.send_timeout_s)
+                try:
+                    while True:
+                        batch = await follower.next_batch(heartbeat_s)
+                        if not batch:
+                            head = await follower.check_head()
+                            heartbeat = protocol.encode(protocol.Heartbeat(head=head)).decode()
+                            await self._send_batch([heartbeat], watchdog)
+                            continue
+                        await self._send_batch(batch, watchdog)
+                        sent.inc(len(batch))
+                finally:
+                    watchdog.stop()
         except FellBehind:
             self.services.metrics.slow_closes.inc()
             raise Close(CLOSE_SLOW_CONSUMER, "fell too far behind, reconnect and resume") from None
-        except asyncio.CancelledError:
-            if not self._send_timed_out:
-                raise
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # not the send timeout
             raise Close(CLOSE_SLOW_CONSUMER, "not reading, reconnect and resume") from None
 
-    def _watch_sends(self, writer: asyncio.Task[None]) -> None:
-        """The writer's send timeout: one timer per session that moves on when it fires,
-        not a timer scheduled and cancelled for every batch. A batch still not sent after
-        ``send_timeout_s`` cancels the writer, which closes 4008."""
-        loop = writer.get_loop()
-        timeout = self.settings.send_timeout_s
-        since = self._sending_since
-        if since is not None and loop.time() - since >= timeout:
-            self._watchdog = None
-            self._send_timed_out = True
-            writer.cancel()
-            return
-        start = loop.time() if since is None else since
-        self._watchdog = loop.call_at(start + timeout, self._watch_sends, writer)
+    def _person(self, name: str | None) -> protocol.Person:
+        """This session's entry in presence: the name cleaned, a colour that stays with the
+        name (or, unnamed, with the session)."""
+        self.name = names.clean_name(name)
+        return protocol.Person(
+            id=self.viewer_id,
+            role=self.role,
+            since=protocol.now_ms(),
+            color=person_color(self.name or self.viewer_id),
+            name=self.name,
+        )
 
     def _presence_changed(self, frame: str) -> bool:
-        """Whether a presence frame tells this client a count it has not been told yet
-        (its own join is already counted in ``welcome``)."""
-        viewers = _presence_decoder.decode(frame).viewers
-        if viewers == self.viewers_told:
+        """Whether a presence frame tells this client something it has not been told yet
+        (its own join is already in ``welcome``)."""
+        if frame == self.presence_told:
             return False
-        self.viewers_told = viewers
+        self.presence_told = frame
         return True
 
     async def _reader(self) -> None:
         assert self.follower is not None
-        queue = self.follower.queue
         while True:
-            try:
-                text = await self.websocket.receive_text()
-            except KeyError:
-                raise Close(CLOSE_BAD_FRAME, "text frames only") from None
-            frame = self._decode(text)
+            frame = self._decode(await self._receive_text())
             if isinstance(frame, protocol.Hello):
                 raise Close(CLOSE_BAD_FRAME, "hello was already sent")
             if not self.frames.allow():
-                queue.reply(self._error("rate_limited", "too many frames, slow down"))
+                self._reply(self._error("rate_limited", "too many frames, slow down"))
                 continue
             if isinstance(frame, protocol.Ping):
-                queue.reply('{"type":"pong"}')
+                self._reply('{"type":"pong"}')
             elif isinstance(frame, protocol.SendMessage):
-                queue.reply(await self._start_run(frame.content))
+                self._reply(await self._start_run(frame.content))
             elif isinstance(frame, protocol.Cancel) and (refusal := await self._cancel()):
-                queue.reply(refusal)
+                self._reply(refusal)
+
+    def _reply(self, frame: str) -> None:
+        """Queue a reply for the writer; 4008 when this client lets more than the limits
+        (``max_replies``, ``max_reply_bytes``) wait: it sends and does not read, and
+        without a bound each of its frames would cost the server memory."""
+        assert self.follower is not None
+        waiting = self.follower.queue.control
+        settings = self.settings
+        if (
+            len(waiting) >= settings.max_replies
+            or sum(map(len, waiting)) + len(frame) > settings.max_reply_bytes
+        ):
+            self.services.metrics.slow_closes.inc()
+            raise Close(CLOSE_SLOW_CONSUMER, "replies not read, reconnect and resume")
+        self.follower.queue.reply(frame)
 
     async def _start_run(self, content: str) -> str:
         if self.role != "writer":
@@ -324,7 +395,12 @@ class ViewerSession:
         if not self.messages.allow():
             return self._error("rate_limited", "too many messages, slow down")
         try:
-            run_id = await self.services.runs.start(self.conversation_id, content)
+            run_id = await self.services.runs.start(self.conversation_id, content, sender=self.name)
+        except ExternallyProduced:
+            return self._error(
+                "external_producer",
+                "this conversation's runs come from an external program (its publisher)",
+            )
         except RunActive:
             return self._error("run_active", "a run is already active")
         except NotFound:
@@ -346,21 +422,17 @@ class ViewerSession:
     def _error(code: protocol.RefusalCode, message: str) -> str:
         return protocol.encode(protocol.Error(code=code, message=message)).decode()
 
-    async def _send_batch(self, batch: list[str]) -> None:
-        """Send frames in order, under one timeout for the batch (``_watch_sends``)."""
-        # Starlette's WebSocket.send_text re-checks the session's state machine on every
-        # frame, two coroutine layers above the ASGI ``send``. The writer is the only sender
-        # of a connected session, so frames go to that ``send`` (Starlette keeps it as
-        # ``_send``) directly; a dead connection raises OSError all the same.
-        send = self.websocket._send
-        self._sending_since = asyncio.get_running_loop().time()
+    async def _send_batch(self, batch: list[str], watchdog: SendWatchdog) -> None:
+        """Send frames in order, under one timeout for the batch (the ``watchdog``'s)."""
+        send = self.websocket.send
+        watchdog.since = asyncio.get_running_loop().time()
         try:
             for frame in batch:
-                if frame.startswith(_PRESENCE_PREFIX) and not self._presence_changed(frame):
+                if protocol.is_presence_frame(frame) and not self._presence_changed(frame):
                     continue
                 await send({"type": "websocket.send", "text": frame})
         finally:
-            self._sending_since = None
+            watchdog.since = None
 
     async def _send(self, text: str) -> None:
         try:
@@ -374,8 +446,12 @@ class ViewerSession:
         await self._close(CLOSE_GOING_AWAY, "server shutting down")
 
     async def _close(self, code: int, reason: str) -> None:
+        """Send the close frame, waiting at most ``_CLOSE_WAIT_S``: a client that does not
+        read would otherwise hold the session (its follower, presence) while the server's
+        WebSocket library waits out its own close timeouts."""
         if self.websocket.application_state == WebSocketState.CONNECTED:
             try:
-                await self.websocket.close(code=code, reason=reason[:120])
-            except (RuntimeError, OSError):
-                pass  # already gone
+                async with asyncio.timeout(_CLOSE_WAIT_S):
+                    await self.websocket.close(code=code, reason=reason[:120])
+            except (RuntimeError, OSError, TimeoutError):
+                pass  # already gone, or not reading: the transport is dropped behind us

@@ -4,25 +4,15 @@
 the URL as usual) or a Redis Cluster: ``redis+cluster://[user:pass@]host:port[,host:port]``
 (``rediss+cluster://`` for TLS), whose masters are discovered from those startup nodes.
 
-Keys of one conversation share the hash tag ``{<id>}``, so a Redis Cluster keeps a
-conversation on one shard and a Lua script may touch all of them:
+The keys of a conversation and the Lua scripts over them are in ``scripts``.
 
-- ``costream:{id}:meta``      hash: the record's fields, ``epoch``, ``head``, ``fence``, ``snapshot_seq``
-- ``costream:{id}:log``       stream: one entry per event, id ``<seq>-0``, field ``f`` = the frame
-- ``costream:{id}:run``       hash of the active run: ``run_id``, ``fence``, ``start_seq``, ``cancel``
-- ``costream:{id}:lease``     string = the fence, with a PX ttl; gone = the producer stopped renewing
-- ``costream:{id}:presence``  sorted set: viewer id -> expiry (ms, Redis's clock)
-- ``costream:{id}:snapshot``  the latest MESSAGES_SNAPSHOT frame
-- ``costream:{id}:map:<name>``, ``costream:{id}:list:<name>``  store.py's maps and lists
-- ``costream:{id}:live``      the pub/sub channel of the live tail (in the same slot)
-
-Every append is one Lua script (``redis_scripts``): check the fencing token, then per body
+Every append is one Lua script: check the fencing token, then per body
 HINCRBY the head, splice the seq in (like ``protocol.with_seq``), XADD and publish the
 same bytes, then trim. Redis runs a script atomically, so a frame is in the log before it
 is published and the publications of a conversation are in seq order. On a cluster the
 script publishes with ``SPUBLISH``, so a publication stays on the conversation's shard.
 
-The live tail (``broker_redis_live.LiveTail``) comes over pub/sub links: ``SUBSCRIBE`` on
+The live tail (``live.LiveTail``) comes over pub/sub links: ``SUBSCRIBE`` on
 one Redis, ``SSUBSCRIBE`` per master on a cluster, reconnected after a break with
 ``on_resync`` for every conversation it had.
 """
@@ -32,19 +22,19 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, cast
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT
 
 from costream.broker import ActiveRun, Broker, FrameListener, LogState, ResyncListener, RunLease
 from costream.broker.redis import scripts
+from costream.broker.redis.endpoint import Endpoint, secrets_of
 from costream.broker.redis.live import UNAVAILABLE, LiveTail
 from costream.errors import LeaseLost, RunActive, StorageUnavailable
 
@@ -52,75 +42,15 @@ _COMMAND_TIMEOUT_S: Final = 5.0
 _CONNECT_TIMEOUT_S: Final = 3.0
 
 _LOG_STATE_FIELDS: Final = ("head", "fence", "snapshot_seq")  # in meta, not in the record
+_PRESENCE_PARTS: Final = ("presence", "people", "names")  # the KEYS of the presence script
 
 
 # Replies as they come with decode_responses=False (redis-py types them as bytes | str).
 _Hash = dict[bytes, bytes]
 
 
-def _key(conversation_id: str, part: str) -> str:
-    return f"costream:{{{conversation_id}}}:{part}"
-
-
-def _channel(conversation_id: str) -> bytes:
-    return _key(conversation_id, "live").encode()
-
-
-# The keys a new conversation starts without (its maps and lists have open-ended names).
-_LOG_PARTS: Final = ("meta", "log", "run", "lease", "snapshot", "presence")
-
-
 def _seq_of_entry_id(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[0])
-
-
-def _secrets_of(url: str) -> list[str]:
-    """The password of a redis URL in every spelling that could end up in a message."""
-    parts = urlsplit(url)
-    found = [parts.password or "", *parse_qs(parts.query).get("password", [])]
-    return [s for text in found if text for s in {text, unquote(text)}]
-
-
-_CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-
-
-def _netloc(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass(frozen=True, slots=True)
-class _Endpoint:
-    """Where ``--redis-url`` points."""
-
-    url: str  # a redis:// or rediss:// URL: the one Redis, or a cluster's first startup node
-    nodes: tuple[tuple[str, int], ...]  # a cluster's startup nodes; empty for one Redis
-    where: str  # for messages: host:port, no credentials
-
-    @classmethod
-    def parse(cls, url: str) -> _Endpoint:
-        parts = urlsplit(url)
-        scheme = _CLUSTER_SCHEMES.get(parts.scheme.lower())
-        if scheme is None:
-            return cls(url, (), _netloc(parts.hostname or "localhost", parts.port or 6379))
-        userinfo, at, hosts = parts.netloc.rpartition("@")
-        nodes = []
-        for item in hosts.split(","):
-            if item.strip():
-                node = urlsplit(f"//{item.strip()}")
-                nodes.append((node.hostname or "localhost", node.port or 6379))
-        if not nodes:
-            raise ValueError(f"a {parts.scheme} URL names at least one host:port")
-        plain = urlunsplit(
-            (scheme, userinfo + at + _netloc(*nodes[0]), parts.path, parts.query, "")
-        )
-        return cls(plain, tuple(nodes), "cluster " + ",".join(_netloc(*n) for n in nodes))
-
-    def node_url(self, host: str, port: int) -> str:
-        """The URL of one node of the cluster, with the credentials and options of ``url``."""
-        parts = urlsplit(self.url)
-        userinfo, at, _ = parts.netloc.rpartition("@")
-        netloc = userinfo + at + _netloc(host, port)
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
 
 
 class RedisBroker(Broker):
@@ -128,9 +58,9 @@ class RedisBroker(Broker):
 
     def __init__(self, url: str, log_retain: int = 10_000) -> None:
         self.log_retain = log_retain
-        self._endpoint = _Endpoint.parse(url)
+        self._endpoint = Endpoint.parse(url)
         self._where = self._endpoint.where
-        self._secrets = _secrets_of(url)
+        self._secrets = secrets_of(url)
         self._options: dict[str, Any] = {
             "socket_timeout": _COMMAND_TIMEOUT_S,
             "socket_connect_timeout": _CONNECT_TIMEOUT_S,
@@ -157,18 +87,7 @@ class RedisBroker(Broker):
         self._live = LiveTail(
             self._cluster, self._link_client, describe=self._describe, where=self._where
         )
-        sharded = self._cluster is not None
-        register = self._redis.register_script
-        self._start_run = register(scripts.lua(scripts.START_RUN, sharded=sharded))
-        self._append = register(scripts.lua(scripts.APPEND, sharded=sharded))
-        self._finish_run = register(scripts.lua(scripts.FINISH_RUN, sharded=sharded))
-        self._renew_lease = register(scripts.lua(scripts.RENEW_LEASE, sharded=sharded))
-        self._take_over_run = register(scripts.lua(scripts.TAKE_OVER_RUN, sharded=sharded))
-        self._request_cancel = register(scripts.lua(scripts.REQUEST_CANCEL, sharded=sharded))
-        self._presence = register(scripts.lua(scripts.PRESENCE, sharded=sharded))
-        self._update_record = register(scripts.lua(scripts.UPDATE_RECORD, sharded=sharded))
-        self._add_to_record = register(scripts.lua(scripts.ADD_TO_RECORD, sharded=sharded))
-
+        self._scripts = scripts.Scripts(self._redis, sharded=self._cluster is not None)
         self._closed = False
 
     def _link_client(self, node: ClusterNode | None) -> aioredis.Redis:
@@ -241,14 +160,14 @@ class RedisBroker(Broker):
         with self._storage():
             async with self._redis.pipeline(transaction=True) as pipe:
                 # A new log: nothing of an earlier incarnation may survive.
-                pipe.delete(*(_key(conversation_id, part) for part in _LOG_PARTS))
-                pipe.hset(_key(conversation_id, "meta"), mapping=fields)
+                pipe.delete(*(scripts.key(conversation_id, part) for part in scripts.LOG_PARTS))
+                pipe.hset(scripts.key(conversation_id, "meta"), mapping=fields)
                 await pipe.execute()
         return epoch
 
     async def get_record(self, conversation_id: str) -> dict[str, bytes] | None:
         with self._storage():
-            raw = cast(_Hash, await self._redis.hgetall(_key(conversation_id, "meta")))
+            raw = cast(_Hash, await self._redis.hgetall(scripts.key(conversation_id, "meta")))
         if not raw:
             return None
         record = {key.decode(): value for key, value in raw.items()}
@@ -261,14 +180,16 @@ class RedisBroker(Broker):
             return
         flat = [item for pair in fields.items() for item in pair]
         with self._storage():
-            code = await self._update_record(keys=[_key(conversation_id, "meta")], args=flat)
+            code = await self._scripts.update_record(
+                keys=[scripts.key(conversation_id, "meta")], args=flat
+            )
         if code == scripts.VANISHED:
             raise StorageUnavailable("conversation vanished")
 
     async def add_to_record(self, conversation_id: str, field: str, amount: float) -> float:
         with self._storage():
-            value = await self._add_to_record(
-                keys=[_key(conversation_id, "meta")], args=[field, repr(float(amount))]
+            value = await self._scripts.add_to_record(
+                keys=[scripts.key(conversation_id, "meta")], args=[field, repr(float(amount))]
             )
         if value is None:
             raise StorageUnavailable("conversation vanished")
@@ -277,40 +198,42 @@ class RedisBroker(Broker):
     # ---- maps and lists ----------------------------------------------------------------
     async def map_get(self, conversation_id: str, name: str, key: str) -> bytes | None:
         with self._storage():
-            value = await self._redis.hget(_key(conversation_id, f"map:{name}"), key)
+            value = await self._redis.hget(scripts.key(conversation_id, f"map:{name}"), key)
         return cast(bytes | None, value)
 
     async def map_set(self, conversation_id: str, name: str, key: str, value: bytes) -> None:
         with self._storage():
-            await self._redis.hset(_key(conversation_id, f"map:{name}"), key, value)
+            await self._redis.hset(scripts.key(conversation_id, f"map:{name}"), key, value)
 
     async def map_delete(self, conversation_id: str, name: str, key: str) -> bool:
         with self._storage():
-            removed = await self._redis.hdel(_key(conversation_id, f"map:{name}"), key)
+            removed = await self._redis.hdel(scripts.key(conversation_id, f"map:{name}"), key)
         return bool(removed)
 
     async def map_all(self, conversation_id: str, name: str) -> dict[str, bytes]:
         with self._storage():
-            raw = cast(_Hash, await self._redis.hgetall(_key(conversation_id, f"map:{name}")))
+            raw = cast(
+                _Hash, await self._redis.hgetall(scripts.key(conversation_id, f"map:{name}"))
+            )
         return {key.decode(): value for key, value in raw.items()}
 
     async def list_append(self, conversation_id: str, name: str, items: Sequence[bytes]) -> None:
         if not items:
             return
         with self._storage():
-            await self._redis.rpush(_key(conversation_id, f"list:{name}"), *items)
+            await self._redis.rpush(scripts.key(conversation_id, f"list:{name}"), *items)
 
     async def list_all(self, conversation_id: str, name: str) -> list[bytes]:
         with self._storage():
-            items = await self._redis.lrange(_key(conversation_id, f"list:{name}"), 0, -1)
+            items = await self._redis.lrange(scripts.key(conversation_id, f"list:{name}"), 0, -1)
         return cast(list[bytes], items)
 
     # ---- the log -------------------------------------------------------------------
     async def log_state(self, conversation_id: str) -> LogState | None:
         with self._storage():
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hmget(_key(conversation_id, "meta"), ["epoch", "head", "snapshot_seq"])
-                pipe.xrange(_key(conversation_id, "log"), "-", "+", count=1)
+                pipe.hmget(scripts.key(conversation_id, "meta"), ["epoch", "head", "snapshot_seq"])
+                pipe.xrange(scripts.key(conversation_id, "log"), "-", "+", count=1)
                 (epoch, head, snapshot_seq), first = await pipe.execute()
         if epoch is None:
             return None
@@ -323,32 +246,32 @@ class RedisBroker(Broker):
             return []
         with self._storage():
             entries = await self._redis.xrange(
-                _key(conversation_id, "log"), f"{max(after_seq, 0) + 1}-0", "+", count=limit
+                scripts.key(conversation_id, "log"), f"{max(after_seq, 0) + 1}-0", "+", count=limit
             )
         return [fields[b"f"] for _, fields in cast(list[tuple[bytes, _Hash]], entries)]
 
     async def read_snapshot(self, conversation_id: str) -> bytes | None:
         with self._storage():
-            snapshot = await self._redis.get(_key(conversation_id, "snapshot"))
+            snapshot = await self._redis.get(scripts.key(conversation_id, "snapshot"))
         return cast(bytes | None, snapshot)
 
     # ---- runs ----------------------------------------------------------------------
-    def _run_keys(self, conversation_id: str) -> list[str]:
-        return [_key(conversation_id, part) for part in ("meta", "log", "run", "lease", "snapshot")]
-
-    def _run_args(self, conversation_id: str, *args: bytes | str | int) -> list[bytes | str | int]:
-        return [_channel(conversation_id), self.log_retain, *args]
+    async def _run_script(
+        self, script: AsyncScript, conversation_id: str, *args: bytes | str | int
+    ) -> Any:
+        """Run one of the run scripts (their KEYS and first ARGV are the same)."""
+        keys = [scripts.key(conversation_id, part) for part in scripts.RUN_PARTS]
+        with self._storage():
+            return await script(
+                keys=keys, args=[scripts.channel(conversation_id), self.log_retain, *args]
+            )
 
     async def start_run(
         self, conversation_id: str, run_id: str, body: bytes, ttl_ms: int
     ) -> RunLease:
-        with self._storage():
-            fence = int(
-                await self._start_run(
-                    keys=self._run_keys(conversation_id),
-                    args=self._run_args(conversation_id, run_id, ttl_ms, body),
-                )
-            )
+        fence = int(
+            await self._run_script(self._scripts.start_run, conversation_id, run_id, ttl_ms, body)
+        )
         if fence == scripts.RUN_ACTIVE:
             raise RunActive(conversation_id)
         if fence == scripts.VANISHED:
@@ -357,13 +280,9 @@ class RedisBroker(Broker):
 
     async def append(self, lease: RunLease, bodies: Sequence[bytes]) -> int:
         conversation_id = lease.conversation_id
-        with self._storage():
-            seq = int(
-                await self._append(
-                    keys=self._run_keys(conversation_id),
-                    args=self._run_args(conversation_id, lease.fence, *bodies),
-                )
-            )
+        seq = int(
+            await self._run_script(self._scripts.append, conversation_id, lease.fence, *bodies)
+        )
         if seq == scripts.LEASE_LOST:
             raise LeaseLost(conversation_id)
         return seq
@@ -373,42 +292,35 @@ class RedisBroker(Broker):
     ) -> int:
         conversation_id = lease.conversation_id
         has_snapshot = b"0" if snapshot is None else b"1"
-        with self._storage():
-            seq = int(
-                await self._finish_run(
-                    keys=self._run_keys(conversation_id),
-                    args=self._run_args(
-                        conversation_id, lease.fence, has_snapshot, snapshot or b"", *bodies
-                    ),
-                )
+        finish = self._scripts.finish_run
+        seq = int(
+            await self._run_script(
+                finish, conversation_id, lease.fence, has_snapshot, snapshot or b"", *bodies
             )
+        )
         if seq == scripts.LEASE_LOST:
             raise LeaseLost(conversation_id)
         return seq
 
     async def renew_lease(self, lease: RunLease, ttl_ms: int) -> bool:
         conversation_id = lease.conversation_id
-        with self._storage():
-            answer = int(
-                await self._renew_lease(
-                    keys=self._run_keys(conversation_id),
-                    args=self._run_args(conversation_id, lease.fence, ttl_ms),
-                )
-            )
+        answer = int(
+            await self._run_script(self._scripts.renew_lease, conversation_id, lease.fence, ttl_ms)
+        )
         if answer == scripts.LEASE_LOST:
             raise LeaseLost(conversation_id)
         return answer == 1
 
     async def request_cancel(self, conversation_id: str) -> str | None:
         with self._storage():
-            run_id = await self._request_cancel(keys=[_key(conversation_id, "run")])
+            run_id = await self._scripts.request_cancel(keys=[scripts.key(conversation_id, "run")])
         return None if run_id is None else bytes(run_id).decode()
 
     async def active_run(self, conversation_id: str) -> ActiveRun | None:
         with self._storage():
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hgetall(_key(conversation_id, "run"))
-                pipe.exists(_key(conversation_id, "lease"))
+                pipe.hgetall(scripts.key(conversation_id, "run"))
+                pipe.exists(scripts.key(conversation_id, "lease"))
                 run, lease_alive = await pipe.execute()
         if not run:
             return None
@@ -420,11 +332,7 @@ class RedisBroker(Broker):
         )
 
     async def take_over_run(self, conversation_id: str, ttl_ms: int) -> RunLease | None:
-        with self._storage():
-            taken = await self._take_over_run(
-                keys=self._run_keys(conversation_id),
-                args=self._run_args(conversation_id, ttl_ms),
-            )
+        taken = await self._run_script(self._scripts.take_over_run, conversation_id, ttl_ms)
         if taken is None:
             return None
         fence, run_id = taken
@@ -432,17 +340,28 @@ class RedisBroker(Broker):
 
     # ---- presence --------------------------------------------------------------------
     async def _presence_call(
-        self, conversation_id: str, mode: str, ttl_ms: int, viewer_ids: Sequence[str]
+        self, conversation_id: str, mode: str, ttl_ms: int, args: Sequence[str | bytes]
     ) -> int:
         with self._storage():
-            count = await self._presence(
-                keys=[_key(conversation_id, "presence")],
-                args=[_channel(conversation_id), mode, ttl_ms, *viewer_ids],
+            count = await self._scripts.presence(
+                keys=[scripts.key(conversation_id, part) for part in _PRESENCE_PARTS],
+                args=[scripts.channel(conversation_id), mode, ttl_ms, *args],
             )
         return int(count)
 
-    async def presence_join(self, conversation_id: str, viewer_id: str, ttl_ms: int) -> int:
-        return await self._presence_call(conversation_id, "join", ttl_ms, [viewer_id])
+    async def presence_join(
+        self, conversation_id: str, viewer_id: str, ttl_ms: int, person: bytes | None = None
+    ) -> int:
+        return await self._presence_call(
+            conversation_id, "join", ttl_ms, [person or b"", viewer_id]
+        )
+
+    async def presence_people(self, conversation_id: str) -> list[bytes]:
+        with self._storage():
+            listed = await self._scripts.people(
+                keys=[scripts.key(conversation_id, part) for part in _PRESENCE_PARTS[1:]]
+            )
+        return [bytes(entry) for entry in cast(list[bytes], listed)]
 
     async def presence_leave(self, conversation_id: str, viewer_id: str) -> int:
         return await self._presence_call(conversation_id, "leave", 0, [viewer_id])
@@ -455,7 +374,7 @@ class RedisBroker(Broker):
     # ---- live tail -------------------------------------------------------------------
     async def subscribe(self, conversation_id: str) -> None:
         """Subscribed when this returns: every frame published from now on is delivered."""
-        await self._live.subscribe(conversation_id, _channel(conversation_id))
+        await self._live.subscribe(conversation_id, scripts.channel(conversation_id))
 
     async def unsubscribe(self, conversation_id: str) -> None:
-        await self._live.unsubscribe(conversation_id, _channel(conversation_id))
+        await self._live.unsubscribe(conversation_id, scripts.channel(conversation_id))

@@ -25,6 +25,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from costream.backoff import Backoff
 from costream.broker import FrameListener, ResyncListener
 from costream.errors import StorageUnavailable
 
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 _SUBSCRIBE_TIMEOUT_S: Final = 5.0
 _LIVE_PING_S: Final = 1.0  # ping the pub/sub connection after this long without a message
 _LIVE_DEAD_S: Final = 5.0  # no message and no pong for this long: the connection is dead
-_BACKOFF_MIN_S: Final = 0.05
-_BACKOFF_MAX_S: Final = 2.0
+_RECONNECT_FIRST_S: Final = 0.05
+_RECONNECT_CAP_S: Final = 2.0
 
 UNAVAILABLE: Final = (
     redis_errors.ConnectionError,  # also BusyLoadingError, AuthenticationError
@@ -253,7 +254,7 @@ class LiveTail:
     # ---- readers ---------------------------------------------------------------------
     async def _read_link(self, link: _Link) -> None:
         """A link's reader task: keep its connection up, for as long as the link is needed."""
-        delay = _BACKOFF_MIN_S
+        backoff = Backoff(_RECONNECT_FIRST_S, _RECONNECT_CAP_S)  # no limit: retried for ever
         failures = 0  # connection attempts failed in a row
         where = f" to {link.name}" if link.name else ""
         while True:
@@ -273,7 +274,7 @@ class LiveTail:
                 log.exception("redis pub/sub reader%s failed", where)
             finally:
                 if link.pubsub is not None:
-                    delay = _BACKOFF_MIN_S  # it was up: reconnect at once
+                    backoff.reset()  # it was up: reconnect at once
                 link.pubsub = None
                 # Whatever was delivering before the break may have missed frames.
                 self._resync_pending.update(
@@ -291,8 +292,9 @@ class LiveTail:
                     with contextlib.suppress(*UNAVAILABLE):
                         await link.client.aclose()
                     return
+            delay = backoff.next_delay()
+            assert delay is not None  # a Backoff without attempts or budget never runs out
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def _is_retired(self, link: _Link) -> bool:
         """Whether a link's node is no longer a master of the cluster."""

@@ -1,6 +1,20 @@
-"""The Lua scripts of the Redis broker, each run atomically by Redis on one slot.
+"""The Redis broker's data: the keys of a conversation, and the Lua scripts over them.
 
-Every script touches the keys of one conversation only (they share the hash tag ``{id}``),
+Keys of one conversation share the hash tag ``{<id>}``, so a Redis Cluster keeps a
+conversation on one shard and a Lua script may touch all of them:
+
+- ``costream:{id}:meta``      hash: the record's fields, ``epoch``, ``head``, ``fence``, ``snapshot_seq``
+- ``costream:{id}:log``       stream: one entry per event, id ``<seq>-0``, field ``f`` = the frame
+- ``costream:{id}:run``       hash of the active run: ``run_id``, ``fence``, ``start_seq``, ``cancel``
+- ``costream:{id}:lease``     string = the fence, with a PX ttl; gone = the producer stopped renewing
+- ``costream:{id}:presence``  sorted set: viewer id -> expiry (ms, Redis's clock)
+- ``costream:{id}:people``    sorted set: listed viewer id -> when it joined (ms)
+- ``costream:{id}:names``     hash: listed viewer id -> its encoded ``protocol.Person``
+- ``costream:{id}:snapshot``  the latest MESSAGES_SNAPSHOT frame
+- ``costream:{id}:map:<name>``, ``costream:{id}:list:<name>``  store.py's maps and lists
+- ``costream:{id}:live``      the pub/sub channel of the live tail (in the same slot)
+
+Each script runs atomically by Redis on one slot. Every script touches the keys of one conversation only (they share the hash tag ``{id}``),
 so on a Redis Cluster each runs on the shard that owns the conversation. A script that
 publishes calls ``redis.call(PUBLISH, ...)``: ``lua`` defines ``PUBLISH`` as ``PUBLISH`` on
 a single Redis, and as ``SPUBLISH`` on a cluster, where the channel ``costream:{id}:live``
@@ -12,11 +26,58 @@ from __future__ import annotations
 
 from typing import Final
 
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+
+from costream import protocol
+
+
+def key(conversation_id: str, part: str) -> str:
+    """The name of one of a conversation's keys (``part``: ``meta``, ``log``, ...)."""
+    return f"costream:{{{conversation_id}}}:{part}"
+
+
+def channel(conversation_id: str) -> bytes:
+    """The pub/sub channel of a conversation's live tail."""
+    return key(conversation_id, "live").encode()
+
+
+# The keys a new conversation starts without (its maps and lists have open-ended names).
+LOG_PARTS: Final = ("meta", "log", "run", "lease", "snapshot", "presence", "people", "names")
+# The KEYS of the run scripts, in order.
+RUN_PARTS: Final = ("meta", "log", "run", "lease", "snapshot")
+
+
+def _lua_string(text: str) -> str:
+    if not text.isascii() or "'" in text or "\\" in text:
+        raise ValueError(f"not a plain Lua string: {text!r}")
+    return f"'{text}'"
+
+
+# The frame layout comes from protocol.py: the scripts build frames with the same bytes.
+_LAYOUT: Final = (
+    f"local SEQ_PREFIX = {_lua_string(protocol.SEQ_PREFIX)}\n"
+    f"local PRESENCE_PREFIX = {_lua_string(protocol.PRESENCE_PREFIX)}\n"
+    f"local PEOPLE_FIELD = {_lua_string(protocol.PEOPLE_FIELD)}\n"
+    # The first PRESENCE_MAX_PEOPLE listed viewers' entries, in the order they joined.
+    "local function listed_people(people, names)\n"
+    f"  local ids = redis.call('ZRANGE', people, 0, {protocol.PRESENCE_MAX_PEOPLE - 1})\n"
+    "  if #ids == 0 then return {} end\n"
+    "  local listed = {}\n"
+    "  for _, entry in ipairs(redis.call('HMGET', names, unpack(ids))) do\n"
+    "    if entry then table.insert(listed, entry) end\n"
+    "  end\n"
+    "  return listed\n"
+    "end\n"
+)
+
 
 def lua(script: str, *, sharded: bool) -> str:
-    """The script's source, with ``PUBLISH`` bound to the command of the deployment."""
+    """The script's source, with ``PUBLISH`` bound to the command of the deployment and
+    ``SEQ_PREFIX`` / ``PRESENCE_PREFIX`` to the frame layout of :mod:`costream.protocol`."""
     command = "SPUBLISH" if sharded else "PUBLISH"
-    return f"local PUBLISH = '{command}'\n{script}"
+    return f"local PUBLISH = '{command}'\n{_LAYOUT}{script}"
 
 
 # Codes the run scripts return instead of a seq or a fence.
@@ -32,8 +93,8 @@ local channel, retain = ARGV[1], tonumber(ARGV[2])
 
 local function append(body)
   local seq = redis.call('HINCRBY', meta, 'head', 1)
-  -- protocol.with_seq: {"type":..} becomes {"seq":N,"type":..}
-  local frame = '{"seq":' .. string.format('%d', seq) .. ',' .. string.sub(body, 2)
+  -- protocol.with_seq: the seq goes in front of the body's fields
+  local frame = SEQ_PREFIX .. string.format('%d', seq) .. ',' .. string.sub(body, 2)
   redis.call('XADD', log, string.format('%d-0', seq), 'f', frame)
   redis.call(PUBLISH, channel, frame)
   return seq
@@ -96,7 +157,7 @@ for i = 6, #ARGV do seq = append(ARGV[i]) end
 redis.call('DEL', run, lease)
 if ARGV[4] == '1' then
   local at = string.format('%d', seq)
-  redis.call('SET', snapshot, '{"seq":' .. at .. ',' .. string.sub(ARGV[5], 2))
+  redis.call('SET', snapshot, SEQ_PREFIX .. at .. ',' .. string.sub(ARGV[5], 2))
   redis.call('HSET', meta, 'snapshot_seq', at)
 end
 trim()
@@ -134,31 +195,57 @@ redis.call('HSET', KEYS[1], 'cancel', '1')
 return redis.call('HGET', KEYS[1], 'run_id')
 """
 
-# KEYS: presence. ARGV: channel, 'join'/'leave'/'refresh', ttl ms, viewer ids.
+# KEYS: presence, people, names. ARGV: channel, 'join'/'leave'/'refresh', ttl ms, then for
+# 'join' the encoded Person ('' for none) and the viewer id, else viewer ids.
+# ``presence`` counts (viewer id -> expiry), ``people`` orders the listed viewers (viewer
+# id -> when it joined), ``names`` holds their entries (viewer id -> encoded Person).
 # Redis's own clock (TIME), so the server processes' clocks do not matter.
 PRESENCE: Final = """
-local key, channel, mode, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local key, people, names = KEYS[1], KEYS[2], KEYS[3]
+local channel, mode, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expiry = string.format('%d', now + ttl)
 local before = redis.call('ZCARD', key)
-for i = 4, #ARGV do
-  if mode == 'leave' then
-    redis.call('ZREM', key, ARGV[i])
-  else
-    redis.call('ZADD', key, string.format('%d', now + ttl), ARGV[i])
+local function forget(id)
+  redis.call('ZREM', key, id)
+  redis.call('ZREM', people, id)
+  redis.call('HDEL', names, id)
+end
+if mode == 'join' then
+  redis.call('ZADD', key, expiry, ARGV[5])
+  if ARGV[4] ~= '' then
+    redis.call('ZADD', people, 'NX', string.format('%d', now), ARGV[5])
+    redis.call('HSET', names, ARGV[5], ARGV[4])
+  end
+else
+  for i = 4, #ARGV do
+    if mode == 'leave' then forget(ARGV[i]) else redis.call('ZADD', key, expiry, ARGV[i]) end
   end
 end
-redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. string.format('%d', now))
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. string.format('%d', now))) do
+  forget(id)
+end
 local count = redis.call('ZCARD', key)
 if count > 0 then
-  -- The key lives as long as its longest-lived viewer.
+  -- The keys live as long as their longest-lived viewer.
   local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
   redis.call('PEXPIREAT', key, last[2])
+  redis.call('PEXPIREAT', people, last[2])
+  redis.call('PEXPIREAT', names, last[2])
 end
 if mode ~= 'refresh' or count ~= before then
-  redis.call(PUBLISH, channel, '{"type":"presence","viewers":' .. count .. '}')
+  local frame = PRESENCE_PREFIX .. count
+  local listed = listed_people(people, names)
+  if #listed > 0 then frame = frame .. PEOPLE_FIELD .. table.concat(listed, ',') .. ']' end
+  redis.call(PUBLISH, channel, frame .. '}')
 end
 return count
+"""
+
+# KEYS: people, names. Returns the encoded Person entries a presence frame lists now.
+PEOPLE: Final = """
+return listed_people(KEYS[1], KEYS[2])
 """
 
 # KEYS: meta. ARGV: field, value, field, value... Returns -2 for an unknown conversation.
@@ -173,3 +260,22 @@ ADD_TO_RECORD: Final = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 return redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2])
 """
+
+
+class Scripts:
+    """Every script, registered with one client (redis-py loads each by its SHA on first use)."""
+
+    def __init__(self, client: aioredis.Redis | RedisCluster, *, sharded: bool) -> None:
+        def register(script: str) -> AsyncScript:
+            return client.register_script(lua(script, sharded=sharded))
+
+        self.start_run = register(START_RUN)
+        self.append = register(APPEND)
+        self.finish_run = register(FINISH_RUN)
+        self.renew_lease = register(RENEW_LEASE)
+        self.take_over_run = register(TAKE_OVER_RUN)
+        self.request_cancel = register(REQUEST_CANCEL)
+        self.presence = register(PRESENCE)
+        self.people = register(PEOPLE)
+        self.update_record = register(UPDATE_RECORD)
+        self.add_to_record = register(ADD_TO_RECORD)

@@ -1,4 +1,4 @@
-"""A token callback that publishes another program's LLM stream to a costream conversation.
+"""A token and event callback that publishes another program's LLM stream to a costream conversation.
 
 :class:`TokenPublisher` takes LiteLLM ``ModelResponseStream`` chunks (or plain ``str``)
 from any thread, in an OpenHands ``Conversation(token_callbacks=[..., publisher])`` or a
@@ -7,68 +7,61 @@ the same :class:`~costream.segments.StepSegments`: ``RUN_STARTED``, per step
 ``STEP_STARTED``, the segments, ``STEP_FINISHED`` with usage and cost, and
 ``RUN_FINISHED`` or ``RUN_ERROR`` with the history snapshot.
 
+- In OpenHands' ``callbacks=[publisher]`` too, it reads the conversation's events
+  (:mod:`.openhands`): the user's message starts a run, observations become tool
+  results, the agent's finish or error ends the run. Elsewhere ``with publisher.run(message):``
+  marks a run.
 - Two transports: straight into the servers' Redis (``redis_url`` + ``conversation_id``),
   or through a server's HTTP API with the conversation's write token (``url`` + ``token``,
-  the ingest endpoints of ``ingest.py``).
+  the ingest endpoints).
 - Calls never block and never raise: a call turns its chunk into events under a lock
-  (microseconds) and queues them; one background thread publishes. A failed publish is
-  logged (never with the token) and counted in ``errors``; the agent goes on.
-- Bounded: consecutive deltas of one segment merge in the queue (merging never changes
-  the concatenated text), so a slow transport costs no more events. Past
+  (microseconds) and queues them; one background thread publishes (:mod:`.sender`). A
+  failed publish is logged (never with the token) and counted in ``errors``; the agent
+  goes on.
+- A flush window (``flush_ms``, 30 ms as the built-in runner's) merges a segment's
+  deltas, so a run makes about as many events as a built-in one (:mod:`.queue`). Past
   ``max_pending_events`` or ``max_pending_chars`` the run is abandoned: its queued events
   are dropped (counted in ``dropped``) and it ends in ``RUN_ERROR`` with its segments closed.
 - Steps: a chunk with output after a ``finish_reason``, a new response id, or
-  :meth:`TokenPublisher.step` starts the next step. ``STEP_FINISHED`` waits for the
-  stream's usage chunk (``stream_options={"include_usage": True}``) for at most a second
-  after the finish reason.
+  :meth:`TokenPublisher.step` starts the next step (:mod:`.steps`). ``STEP_FINISHED``
+  waits for the stream's usage chunk for at most a second after the finish reason.
+- The published runs' model is shown to viewers; with ``exclusive=True`` (the default)
+  the conversation is marked as owned by this kind of producer, so a writer's message
+  starts no run on the servers.
 
-Here: the publisher, its runs, its lock and its thread. ``publisher_steps.py`` turns a
-run's chunks into events and knows what closes a run cut short, ``publisher_queue.py``
-holds the bounded queue between callers and the thread, ``publisher_transports.py`` the
-two transports and the runs in storage they share with ``ingest.py``. Neither Starlette nor LiteLLM is imported
-by any of them; chunks are read by attribute like ``segments`` does, and the Redis broker
-is imported only by the Redis transport.
+Neither Starlette, LiteLLM nor OpenHands is imported here; chunks and OpenHands' events
+are read by attribute, and the Redis broker is imported only by the Redis transport.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
-import threading
-import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Final, Literal, TypeVar
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
-from costream import protocol
-from costream.client.publisher.queue import Abandon, Barrier, Close, EventQueue, Finish, Item, Start
-from costream.client.publisher.steps import OpenSegments, StepReader
+from costream.chunks import as_usage as as_usage  # public: usage in the form RUN_FINISHED takes
+from costream.client.publisher.openhands import OpenHandsEvents, is_openhands_event
+from costream.client.publisher.queue import Barrier, Close, EventQueue, Finish, Outbox, Start
+from costream.client.publisher.sender import Sender
+from costream.client.publisher.steps import StepReader
 from costream.client.publisher.transports import (
     DEFAULT_LEASE_TTL_MS,
     REDIS_SCHEMES,
     HTTPTransport,
-    PublishError,
     RedisTransport,
     Transport,
 )
-from costream.lifecycle import Outcome, RunEnd
-from costream.protocol import (
-    Event,
-    LoggedEvent,
-)
-from costream.segments import as_usage as as_usage  # public: usage in the form RUN_FINISHED takes
+from costream.lifecycle import Outcome
 from costream.store import CONVERSATION_ID
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("costream.client.publisher")
 
-T = TypeVar("T")
-
-_RETRY_S: Final = (0.1, 0.3, 1.0)  # transient failures, as the runner retries appends
-
-
-# ---- the publisher ---------------------------------------------------------------------
+DEFAULT_FLUSH_MS = 30  # the built-in runner's COSTREAM_FLUSH_MS
 
 
 class _RunScope:
@@ -106,8 +99,38 @@ class _RunScope:
         self.__exit__(kind, error, traceback)
 
 
+def _transport_maker(
+    url: str | None,
+    token: str | None,
+    redis_url: str | None,
+    conversation_id: str | None,
+    lease_ttl_ms: int,
+    timeout_s: float,
+) -> tuple[Callable[[], Transport], str]:
+    """How the publisher's thread makes its transport, and where it publishes (safe to log)."""
+    if url is not None and redis_url is None:
+        token = token or parse_qs(urlsplit(url).fragment).get("t", [""])[0]
+        if not token:
+            raise ValueError("pass token=<the conversation's write token>, or the write link")
+        transport = HTTPTransport(url, token, timeout_s)
+        return (lambda: transport), transport.where
+    if redis_url is not None and url is None:
+        if not conversation_id or not CONVERSATION_ID.match(conversation_id):
+            raise ValueError("pass conversation_id=<the conversation's id>")
+        parts = urlsplit(redis_url)
+        if parts.scheme not in REDIS_SCHEMES:
+            raise ValueError("redis_url must be a URL the servers' --redis-url takes")
+        where = f"redis at {parts.netloc.rpartition('@')[2] or 'localhost'}"
+        # Made in the publisher's thread: its event loop lives there.
+        return (lambda: RedisTransport(redis_url, conversation_id, lease_ttl_ms)), where
+    raise ValueError(
+        "pass url= (the write link, or with token=), or redis_url= and conversation_id="
+    )
+
+
 class TokenPublisher:
-    """Publishes an LLM stream's chunks to a costream conversation; a token callback.
+    """Publishes an LLM stream's chunks to a costream conversation; a token callback and,
+    for OpenHands, an event callback.
 
     Thread-safe; every method but :meth:`flush` and :meth:`close` returns at once, and
     none raises once constructed. ``errors`` counts failed publishes, ``dropped`` the
@@ -122,69 +145,66 @@ class TokenPublisher:
         redis_url: str | None = None,
         conversation_id: str | None = None,
         model: str | None = None,
+        exclusive: bool = True,
+        flush_ms: int = DEFAULT_FLUSH_MS,
         lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
         timeout_s: float = 10.0,
         max_pending_events: int = 10_000,
         max_pending_chars: int = 4_000_000,
     ) -> None:
-        make: Callable[[], Transport]
-        if url is not None and redis_url is None:
-            token = token or parse_qs(urlsplit(url).fragment).get("t", [""])[0]
-            if not token:
-                raise ValueError("pass token=<the conversation's write token>")
-            transport = HTTPTransport(url, token, timeout_s)
-            self.where = transport.where
-
-            def make() -> Transport:
-                return transport
-        elif redis_url is not None and url is None:
-            if not conversation_id or not CONVERSATION_ID.match(conversation_id):
-                raise ValueError("pass conversation_id=<the conversation's id>")
-            parts = urlsplit(redis_url)
-            if parts.scheme not in REDIS_SCHEMES:
-                raise ValueError("redis_url must be a URL the servers' --redis-url takes")
-            self.where = f"redis at {parts.netloc.rpartition('@')[2] or 'localhost'}"
-
-            def make() -> Transport:
-                # Made in the publisher's thread: its event loop lives there.
-                return RedisTransport(redis_url, conversation_id, lease_ttl_ms)
-        else:
-            raise ValueError("pass url= and token=, or redis_url= and conversation_id=")
-        self.errors = 0  # publishes that failed (each logged)
-        self.dropped = 0  # events or chunks not published
-        self.run_id: str | None = None  # the latest run started in the conversation
-        self.cancel_requested = False  # someone asked the conversation's run to stop
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        # ---- the caller's side, under the lock
-        self._queue = EventQueue(max_pending_events, max_pending_chars)
+        make, self.where = _transport_maker(
+            url, token, redis_url, conversation_id, lease_ttl_ms, timeout_s
+        )
+        self._model, self._exclusive = model or "", exclusive
+        queue = EventQueue(max_pending_events, max_pending_chars, flush_ms)
+        self._outbox = Outbox(queue, StepReader(model or ""), self.where)
         self._closed = False
         self._in_run = False
         self._warned_outside = False
-        self._steps = StepReader(model or "")
-        # ---- the publisher thread's side
-        self._transport: Transport | None = None
-        self._state: Literal["idle", "live", "broken"] = "idle"
-        self._next_renew = 0.0
-        self._open = OpenSegments()  # what the log holds open, closed if the run is cut short
-        self._thread = threading.Thread(
-            target=self._work, args=(make,), name="costream-publisher", daemon=True
-        )
-        self._thread.start()
+        self._openhands = OpenHandsEvents(self)
+        self._sender = Sender(self._outbox, make)
+        # A program that ends without close() (the OpenHands example) still gets its
+        # last run ended and published: atexit runs before daemon threads stop.
+        atexit.register(self.close)
 
-    # ---- the callback ------------------------------------------------------------------
+    @property
+    def errors(self) -> int:
+        """Publishes that failed (each logged)."""
+        return self._outbox.errors
+
+    @property
+    def dropped(self) -> int:
+        """Events or chunks not published."""
+        return self._outbox.dropped
+
+    @property
+    def run_id(self) -> str | None:
+        """The latest run started in the conversation."""
+        return self._outbox.run_id
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Someone asked the conversation's run to stop (seen at the last publish)."""
+        return self._outbox.cancel_requested
+
+    # ---- the callbacks -------------------------------------------------------------------
     def __call__(self, chunk: object) -> None:
-        """Take one stream chunk (or a piece of text); returns at once, never raises."""
+        """Take one stream chunk (or a piece of text, or an OpenHands event); returns at
+        once, never raises."""
+        if is_openhands_event(chunk):
+            self._openhands.on_event(chunk)
+            return
+        outbox = self._outbox
         try:
-            with self._lock:
+            with outbox.lock:
                 if self._closed or not self._in_run:
                     self._chunk_outside_run()
                     return
                 if isinstance(chunk, str):
-                    events = self._steps.text(chunk)
+                    events = outbox.steps.text(chunk)
                 else:
-                    events = self._steps.chunk(chunk)
-                self._enqueue(events)
+                    events = outbox.steps.chunk(chunk)
+                outbox.enqueue(events)
         except Exception:
             self._failed("turning a chunk into events")
 
@@ -196,18 +216,18 @@ class TokenPublisher:
 
     def start_run(self, content: str) -> None:
         """Start a run for the user's message ``content`` (RUN_STARTED)."""
+        outbox = self._outbox
         try:
-            with self._lock:
+            with outbox.lock:
                 if self._closed:
                     log.warning("costream publisher: start_run after close is ignored")
                     return
                 if self._in_run:
                     log.warning("costream publisher: start_run ends the run still open first")
                     self._finish("success", None, None, None)
-                self._in_run, self._queue.overflowed = True, False
-                self._steps.start_run()
-                self._queue.append(Start(content))
-                self._cond.notify()
+                self._in_run, outbox.queue.overflowed = True, False
+                outbox.steps.start_run()
+                outbox.control(Start(content, self._model, self._exclusive))
         except Exception:
             self._failed("starting a run")
 
@@ -222,7 +242,7 @@ class TokenPublisher:
         """End the run: RUN_FINISHED with ``usage`` and ``cost_usd`` when given (else the
         steps' sums), or RUN_ERROR when ``error`` is given."""
         try:
-            with self._lock:
+            with self._outbox.lock:
                 if not self._in_run:
                     return
                 self._finish("error" if error is not None else outcome, usage, cost_usd, error)
@@ -231,32 +251,33 @@ class TokenPublisher:
 
     def step(self) -> None:
         """End the current step; the next chunk starts a new one."""
+        outbox = self._outbox
         try:
-            with self._lock:
+            with outbox.lock:
                 if self._in_run:
-                    self._enqueue(self._steps.end_step())
+                    outbox.enqueue(outbox.steps.end_step())
         except Exception:
             self._failed("ending a step")
 
     def tool_result(self, tool_call_id: str, content: str, *, is_error: bool = False) -> None:
         """A tool call's result (TOOL_CALL_RESULT), after its step."""
+        outbox = self._outbox
         try:
-            with self._lock:
+            with outbox.lock:
                 if not self._in_run:
                     return
-                self._enqueue(self._steps.tool_result(tool_call_id, content, is_error=is_error))
+                outbox.enqueue(outbox.steps.tool_result(tool_call_id, content, is_error=is_error))
         except Exception:
             self._failed("publishing a tool result")
 
     # ---- flushing and closing ------------------------------------------------------------
     def _barrier(self) -> concurrent.futures.Future[None]:
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        with self._lock:
-            if self._closed or not self._thread.is_alive():
+        with self._outbox.lock:
+            if self._closed or not self._sender.thread.is_alive():
                 done.set_result(None)
             else:
-                self._queue.append(Barrier(done))
-                self._cond.notify()
+                self._outbox.control(Barrier(done))
         return done
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -276,16 +297,17 @@ class TokenPublisher:
             return False
 
     def close(self, timeout: float = 10.0) -> None:
-        """End an open run (success), publish what is queued, stop the thread."""
-        with self._lock:
+        """End an open run (success), publish what is queued, stop the thread. Called at
+        the interpreter's exit when not before."""
+        atexit.unregister(self.close)
+        with self._outbox.lock:
             if not self._closed:
                 if self._in_run:
                     self._finish("success", None, None, None)
                 self._closed = True
-                self._queue.append(Close())
-                self._cond.notify()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+                self._outbox.control(Close())
+        self._sender.thread.join(timeout)
+        if self._sender.thread.is_alive():
             log.warning("costream publisher: not flushed within %.1f s; giving up", timeout)
 
     async def aclose(self, timeout: float = 10.0) -> None:
@@ -300,12 +322,13 @@ class TokenPublisher:
 
     # ---- the caller's side (under the lock) ------------------------------------------------
     def _chunk_outside_run(self) -> None:
-        self.dropped += 1
+        self._outbox.dropped += 1
         if not self._warned_outside:
             self._warned_outside = True
             log.warning(
                 "costream publisher: a chunk came outside a run and is not published; "
-                "wrap the agent's work in `with publisher.run(message):`"
+                "pass the publisher in OpenHands' callbacks too, or wrap the agent's work "
+                "in `with publisher.run(message):`"
             )
 
     def _finish(
@@ -315,169 +338,12 @@ class TokenPublisher:
         cost_usd: float | None,
         error: BaseException | str | None,
     ) -> None:
-        self._enqueue(self._steps.end_step(None if outcome == "success" else outcome))
-        end = self._steps.run_end(outcome, usage, cost_usd, error)
+        steps = self._outbox.steps
+        self._outbox.enqueue(steps.end_step(None if outcome == "success" else outcome))
+        end = steps.run_end(outcome, usage, cost_usd, error)
         self._in_run = False
-        self._queue.append(Finish(end))
-        self._cond.notify()
-
-    def _settle_step_if_due(self) -> None:
-        """Send STEP_FINISHED without usage once the usage chunk is overdue."""
-        if self._steps.usage_overdue():
-            self._enqueue(self._steps.end_step())
-
-    # ---- the bounded queue (under the lock) ------------------------------------------------
-    def _enqueue(self, events: list[Event]) -> None:
-        self.dropped += self._queue.put(events)
-        if self._queue.over_bounds():
-            self._abandon()
-        if events:
-            self._cond.notify()
-
-    def _abandon(self) -> None:
-        """Drop the run's queued events and end it with RUN_ERROR: the transport is too slow."""
-        self.dropped += self._queue.abandon()
-        log.warning(
-            "costream publisher: %s fell too far behind; this run's remaining output is "
-            "dropped and it ends in RUN_ERROR",
-            self.where,
-        )
+        self._outbox.control(Finish(end))
 
     def _failed(self, what: str) -> None:
-        with self._lock:
-            self.errors += 1
+        self._outbox.count(errors=1)
         log.exception("costream publisher: %s failed", what)
-
-    # ---- the publisher's thread ------------------------------------------------------------
-    def _work(self, make: Callable[[], Transport]) -> None:
-        try:
-            self._transport = make()
-        except Exception as error:
-            log.error("costream publisher: cannot reach %s (%s)", self.where, type(error).__name__)
-        try:
-            while True:
-                if self._process(self._take()):
-                    return
-        finally:
-            if self._transport is not None:
-                try:
-                    self._transport.close()
-                except Exception:
-                    log.debug("closing the transport failed", exc_info=True)
-
-    def _take(self) -> list[Item]:
-        """Wait for queued items (or a lease renewal that is due); take them all."""
-        with self._cond:
-            while True:
-                self._settle_step_if_due()
-                if self._queue:
-                    break
-                waits = []
-                if self._state == "live":
-                    waits.append(self._next_renew - time.monotonic())
-                usage_due = self._steps.usage_due_at()
-                if usage_due is not None:
-                    waits.append(usage_due - time.monotonic())
-                timeout = min(waits) if waits else None
-                if timeout is not None and timeout <= 0:
-                    break
-                self._cond.wait(timeout)
-            return self._queue.take_all()
-
-    def _process(self, batch: list[Item]) -> bool:
-        """Publish a batch in order; whether it held the close."""
-        events: list[Event] = []
-        closing = False
-        for item in batch:
-            if isinstance(item, LoggedEvent):
-                events.append(item)  # type: ignore[arg-type]  # every LoggedEvent is an Event
-                continue
-            self._send(events)
-            events = []
-            if isinstance(item, Start):
-                self._start(item.content)
-            elif isinstance(item, Finish):
-                self._end(item.end)
-            elif isinstance(item, Abandon):
-                message = "the publisher fell behind the stream and dropped part of it"
-                self._end(RunEnd("error", error_code="internal", error_message=message))
-            elif isinstance(item, Barrier):
-                item.done.set_result(None)
-            else:
-                closing = True
-        self._send(events)
-        if self._state == "live" and time.monotonic() >= self._next_renew:
-            ok, _ = self._attempt("renewing the run's lease", self._renew)
-            if not ok:
-                self._state = "broken"
-        return closing
-
-    def _renew(self, transport: Transport) -> bool:
-        cancel = transport.renew()
-        self._next_renew = time.monotonic() + transport.lease_ttl_ms / 4000
-        if cancel:
-            self.cancel_requested = True
-        return cancel
-
-    def _start(self, content: str) -> None:
-        self._open.clear()
-        self.cancel_requested = False
-        ok, run_id = self._attempt("starting a run", lambda t: t.start_run(content))
-        if ok and run_id is not None and self._transport is not None:
-            self._state = "live"
-            self.run_id = run_id
-            self._next_renew = time.monotonic() + self._transport.lease_ttl_ms / 4000
-        else:
-            self._state = "broken"
-
-    def _send(self, events: list[Event]) -> None:
-        if not events:
-            return
-        if self._state != "live":
-            with self._lock:
-                self.dropped += len(events)
-            return
-        bodies = [protocol.encode(event) for event in events]
-        ok, cancel = self._attempt("publishing events", lambda t: t.append(bodies))
-        if not ok:
-            self._state = "broken"
-            with self._lock:
-                self.dropped += len(events)
-            return
-        if cancel:
-            self.cancel_requested = True
-        for event in events:
-            self._open.track(event)
-
-    def _end(self, end: RunEnd) -> None:
-        if self._state != "live":
-            self._state = "idle"  # the run never started, or broke: its lease expires
-            return
-        closing = self._open.closing_events()
-        self._attempt("ending the run", lambda t: t.finish(end, closing))
-        self._state = "idle"
-
-    def _attempt(self, what: str, action: Callable[[Transport], T]) -> tuple[bool, T | None]:
-        """Run a transport call, retrying transient failures; (succeeded, its result)."""
-        transport = self._transport
-        if transport is None:
-            with self._lock:
-                self.errors += 1
-            return False, None
-        for delay in (*_RETRY_S, None):
-            try:
-                return True, action(transport)
-            except PublishError as error:
-                if error.transient and delay is not None:
-                    time.sleep(delay)
-                    continue
-                message = error.message
-            except Exception as error:
-                # The type only: an exception's text may quote a request, and its token.
-                message = f"unexpected {type(error).__name__}"
-                log.debug("costream publisher: %s failed", what, exc_info=True)
-            with self._lock:
-                self.errors += 1
-            log.error("costream publisher: %s failed: %s", what, message)
-            return False, None
-        raise AssertionError("unreachable")

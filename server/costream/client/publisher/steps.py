@@ -1,7 +1,7 @@
-"""A published run's events: its steps read from chunks, and what closes it when cut short.
+"""A published run's events: its steps read from chunks, and how the run ends.
 
 No I/O: a :class:`~costream.publisher.TokenPublisher` calls :class:`StepReader` from its
-callers' threads and :class:`OpenSegments` from its own.
+callers' threads, under its lock.
 
 :class:`StepReader` turns LiteLLM ``ModelResponseStream`` chunks (or plain ``str``) into
 the events a built-in run appends, with the same :class:`~costream.segments.StepSegments`:
@@ -14,14 +14,14 @@ history snapshot and, for ``RUN_ERROR``, a code and a message safe to show.
   stream's usage chunk (``stream_options={"include_usage": True}``) for at most
   ``_USAGE_GRACE_S`` after the finish reason; a usage chunk after that still counts in
   the run's usage and cost.
-- Cut short (abandoned: its queued events dropped): :class:`OpenSegments` remembers what
-  the log holds open, so the run's end closes every segment and ends the step ``error``.
+- Cut short (abandoned: its queued events dropped): the publisher's thread follows what
+  the log holds open with :class:`costream.lifecycle.OpenSegments`, so the run's end
+  closes every segment and ends the step ``error``.
 - Prices and LiteLLM's error wording come from ``llm.py``, and only when LiteLLM is
   already loaded: nothing here imports it. Chunks are read by attribute like
   ``segments`` does.
 
-Not thread-safe by itself: :class:`StepReader` is called under the publisher's lock,
-:class:`OpenSegments` by the publisher's thread only.
+Not thread-safe by itself: :class:`StepReader` is called under the publisher's lock.
 """
 
 from __future__ import annotations
@@ -31,61 +31,24 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from costream.chunks import as_usage, chunk_text, finish_reason_of, has_output, usage_of
 from costream.lifecycle import Outcome, RunEnd
 from costream.protocol import (
     ErrorCode,
     Event,
-    ReasoningEnd,
-    ReasoningMessageEnd,
-    ReasoningMessageStart,
     SnapshotMessage,
     StepFinished,
     StepFinishedMeta,
     StepStarted,
     StepStartedMeta,
-    TextMessageEnd,
-    TextMessageStart,
-    ToolCallEnd,
     ToolCallResult,
-    ToolCallStart,
     ToolResultMeta,
     Usage,
 )
-from costream.segments import (
-    StepSegments,
-    as_usage,
-    chunk_field,
-    chunk_text,
-    finish_reason_of,
-    new_id,
-    step_messages,
-    usage_of,
-)
+from costream.segments import StepSegments, new_id, step_messages
 
 _USAGE_GRACE_S: Final = 1.0  # STEP_FINISHED waits this long for the usage chunk
 _MAX_ERROR_CHARS: Final = 500
-
-
-# ---- reading chunks ------------------------------------------------------------------------
-
-
-def _choices(chunk: object) -> list[object]:
-    choices = chunk_field(chunk, "choices")
-    return choices if isinstance(choices, list) else []
-
-
-def _has_output(chunk: object) -> bool:
-    """Whether a chunk carries any reasoning, text or tool-call delta."""
-    for choice in _choices(chunk):
-        delta = chunk_field(choice, "delta")
-        if delta is None:
-            continue
-        for name in ("reasoning_content", "reasoning", "content"):
-            if chunk_text(delta, name):
-                return True
-        if chunk_field(delta, "tool_calls") or chunk_field(delta, "thinking_blocks"):
-            return True
-    return False
 
 
 def _step_cost(model: str, usage: Usage) -> float:
@@ -153,7 +116,7 @@ class StepReader:
     def chunk(self, chunk: object) -> list[Event]:
         """One stream chunk's events, ending the open step first when this chunk starts a new one."""
         events: list[Event] = []
-        output = _has_output(chunk)
+        output = has_output(chunk)
         response_id = chunk_text(chunk, "id")
         step = self._step
         if step is not None and output:
@@ -276,50 +239,3 @@ class StepReader:
         if outcome == "error":
             end.error_code, end.error_message = _failure_of(error, model)
         return end
-
-
-class OpenSegments:
-    """The segments and step a run has published and not closed, and the events that close them."""
-
-    def __init__(self) -> None:
-        self._segments: dict[tuple[str, str], None] = {}  # started and not ended, in order
-        self._step: str | None = None
-
-    def clear(self) -> None:
-        """Forget everything: a new run starts with nothing open."""
-        self._segments.clear()
-        self._step = None
-
-    def track(self, event: Event) -> None:
-        """Note a published event that opens or closes a segment or the step."""
-        match event:
-            case ReasoningMessageStart(message_id=i):
-                self._segments["reasoning", i] = None
-            case ReasoningEnd(message_id=i):
-                self._segments.pop(("reasoning", i), None)
-            case TextMessageStart(message_id=i):
-                self._segments["text", i] = None
-            case TextMessageEnd(message_id=i):
-                self._segments.pop(("text", i), None)
-            case ToolCallStart(tool_call_id=i):
-                self._segments["tool", i] = None
-            case ToolCallEnd(tool_call_id=i):
-                self._segments.pop(("tool", i), None)
-            case StepStarted(step_name=name):
-                self._step = name
-            case StepFinished():
-                self._step = None
-
-    def closing_events(self) -> list[Event]:
-        """The events that close what is open: reasoning and text, tool calls, then the step."""
-        events: list[Event] = []
-        for kind, i in self._segments:
-            if kind == "reasoning":
-                events += [ReasoningMessageEnd(message_id=i), ReasoningEnd(message_id=i)]
-            elif kind == "text":
-                events.append(TextMessageEnd(message_id=i))
-        events += [ToolCallEnd(tool_call_id=i) for kind, i in self._segments if kind == "tool"]
-        if self._step is not None:
-            meta = StepFinishedMeta(finish_reason="error")
-            events.append(StepFinished(step_name=self._step, metadata=meta))
-        return events

@@ -6,9 +6,9 @@
   conversation's write token (``url`` + ``token``).
 
 Both are blocking and called from the publisher's thread only. A failed call raises
-:class:`PublishError`, whose message is safe to log (no token, no password).
-:func:`runner.open_run` and :func:`finish_external_run` start and end a run in storage
-as the runner does; the Redis transport and ``ingest.py`` share them.
+:class:`PublishError`, whose message is safe to log (no token, no password). The Redis
+transport starts, ends and reaps runs with :mod:`costream.lifecycle`, as the runner and
+``ingest.py`` do.
 
 Neither Starlette nor LiteLLM is imported here, and the Redis broker only by the Redis
 transport, when it is made.
@@ -29,11 +29,8 @@ import msgspec
 from costream import lifecycle, protocol
 from costream.broker import RunLease
 from costream.errors import LeaseLost, NotFound, RunActive, StorageUnavailable
-from costream.lifecycle import RunEnd, finish_external_run, open_run
-from costream.metrics import Metrics
-from costream.protocol import (
-    Event,
-)
+from costream.lifecycle import RunEnd, open_run
+from costream.protocol import Event
 from costream.store import CONVERSATION_ID, Store
 
 T = TypeVar("T")
@@ -41,9 +38,6 @@ T = TypeVar("T")
 DEFAULT_LEASE_TTL_MS: Final = 10_000  # Settings.lease_ttl_ms
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 _MAX_REQUEST_BYTES: Final = 512 * 1024  # one HTTP request; the server takes up to 1 MiB
-
-
-# ---- runs in storage (the Redis transport here, the HTTP ingest in ingest.py) ------------
 
 
 # ---- the transports (called from the publisher's thread only) -------------------------
@@ -63,8 +57,10 @@ class Transport(abc.ABC):
     lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
 
     @abc.abstractmethod
-    def start_run(self, content: str) -> str:
-        """Start a run (RUN_STARTED is in the log); its run id."""
+    def start_run(self, content: str, model: str, exclusive: bool) -> str:
+        """Start a run (RUN_STARTED is in the log); its run id. ``model`` (when not
+        empty) becomes the model shown to viewers; ``exclusive`` marks the conversation
+        as owned by an external producer (no runs start on the servers)."""
 
     @abc.abstractmethod
     def append(self, bodies: list[bytes]) -> bool:
@@ -111,22 +107,28 @@ class RedisTransport(Transport):
         except RunActive:
             raise PublishError("the conversation already has an active run", False) from None
 
-    def _reap(self, conversation_id: str) -> Awaitable[None]:
-        return lifecycle.reap(
-            self._broker, self._store, Metrics(), conversation_id, self.lease_ttl_ms
-        )
+    async def _reap(self, conversation_id: str) -> None:
+        await lifecycle.reap(self._broker, self._store, conversation_id, self.lease_ttl_ms)
 
-    def start_run(self, content: str) -> str:
-        self._lease = self._call(
-            lambda: open_run(
-                self._broker,
-                self._store,
-                self._conversation_id,
-                content,
-                self.lease_ttl_ms,
-                self._reap,
-            )
+    async def _open(self, content: str, model: str, exclusive: bool) -> RunLease:
+        conversation_id, store = self._conversation_id, self._store
+        if exclusive:
+            await store.mark_external(conversation_id)
+        lease = await open_run(
+            self._broker,
+            store,
+            conversation_id,
+            content,
+            self.lease_ttl_ms,
+            self._reap,
+            external=True,
         )
+        if model:
+            await store.set_model(conversation_id, model)
+        return lease
+
+    def start_run(self, content: str, model: str, exclusive: bool) -> str:
+        self._lease = self._call(lambda: self._open(content, model, exclusive))
         return self._lease.run_id
 
     def _current(self) -> RunLease:
@@ -143,10 +145,15 @@ class RedisTransport(Transport):
         lease = self._current()
         return self._call(lambda: self._broker.renew_lease(lease, self.lease_ttl_ms))
 
+    async def _finish(self, lease: RunLease, end: RunEnd, closing: list[Event]) -> None:
+        if end.model:  # before viewers see the end
+            await self._store.set_model(self._conversation_id, end.model)
+        await lifecycle.end_run(self._broker, self._store, lease, end, closing)
+
     def finish(self, end: RunEnd, closing: list[Event]) -> None:
         lease = self._current()
         self._lease = None
-        self._call(lambda: finish_external_run(self._broker, self._store, lease, end, closing))
+        self._call(lambda: self._finish(lease, end, closing))
 
     def close(self) -> None:
         try:
@@ -227,8 +234,11 @@ class HTTPTransport(Transport):
             transient=status >= 500 or status == 429,
         )
 
-    def start_run(self, content: str) -> str:
-        answer = self._request("/runs", json.dumps({"input": content}).encode())
+    def start_run(self, content: str, model: str, exclusive: bool) -> str:
+        body: dict[str, Any] = {"input": content, "exclusive": exclusive}
+        if model:
+            body["model"] = model
+        answer = self._request("/runs", json.dumps(body).encode())
         run_id = str(answer["runId"])
         self.lease_ttl_ms = int(answer.get("leaseTtlMs", DEFAULT_LEASE_TTL_MS))
         self._run_path = f"/runs/{run_id}"
