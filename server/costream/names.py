@@ -3,12 +3,14 @@
 Control, format (bidi overrides and isolates, zero-width), private-use, surrogate and
 unassigned characters, and line/paragraph separators are refused in file names and
 dropped from display names: none belongs in a name another person reads, and bidi
-controls can make one name look like another. No I/O.
+controls can make one name look like another. A person's colour comes from their name.
+No I/O.
 """
 
 from __future__ import annotations
 
 import unicodedata
+import zlib
 from typing import Final
 
 NAME_MAX_CHARS: Final = 40
@@ -43,3 +45,21 @@ def clean_name(raw: str | None) -> str | None:
     while len(name.encode()) > NAME_MAX_BYTES:
         name = name[:-1]
     return name.strip() or None
+
+
+# Colours for people's initials, each readable with white text (WCAG AA on #fff text).
+PERSON_COLORS: Final = (
+    "#b42318",
+    "#b54708",
+    "#067647",
+    "#0e7090",
+    "#175cd3",
+    "#5925dc",
+    "#9f1ab1",
+    "#c01048",
+)
+
+
+def person_color(key: str) -> str:
+    """The colour of a name (the same in every session and process), or of a session."""
+    return PERSON_COLORS[zlib.crc32(key.casefold().encode()) % len(PERSON_COLORS)]

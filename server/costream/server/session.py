@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import zlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, cast
 
 import msgspec
@@ -40,6 +37,7 @@ from costream.protocol import (
 )
 from costream.server.guard import origin_allowed
 from costream.server.hub import FellBehind, Follower
+from costream.server.pacing import RateLimit, SendWatchdog
 from costream.store import mint_id
 
 if TYPE_CHECKING:
@@ -51,23 +49,6 @@ _person_decoder = msgspec.json.Decoder(protocol.Person)
 _CLOSE_WAIT_S: Final = 2.0
 _CANCEL_AGAIN_S: Final = 0.05
 
-# Colours for people's initials, each readable with white text (WCAG AA on #fff text).
-PERSON_COLORS: Final = (
-    "#b42318",
-    "#b54708",
-    "#067647",
-    "#0e7090",
-    "#175cd3",
-    "#5925dc",
-    "#9f1ab1",
-    "#c01048",
-)
-
-
-def person_color(key: str) -> str:
-    """The colour of a name (the same in every session and process), or of a session."""
-    return PERSON_COLORS[zlib.crc32(key.casefold().encode()) % len(PERSON_COLORS)]
-
 
 class Close(Exception):
     """End the session with this close code."""
@@ -76,59 +57,6 @@ class Close(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-@dataclass
-class RateLimit:
-    """A token bucket: ``rate`` frames per second, bursts of ``burst``."""
-
-    rate: float
-    burst: float
-    tokens: float = 0.0
-    stamp: float = 0.0
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        if self.stamp == 0.0:
-            self.tokens, self.stamp = self.burst, now
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
-class SendWatchdog:
-    """The send timeout of one writer: a batch still not sent after ``timeout_s`` ends
-    the writer's ``asyncio.timeout`` block with TimeoutError.
-
-    The block is entered once for the writer's life with no deadline; one timer wakes at
-    most every ``timeout_s`` and, when the batch marked in ``since`` is overdue, moves the
-    block's deadline to now. So each batch costs an attribute write, not a timer
-    scheduled and cancelled, and asyncio's own timeout owns the cancellation.
-    """
-
-    def __init__(self, deadline: asyncio.Timeout, timeout_s: float) -> None:
-        self.since: float | None = None  # loop time the batch being sent began
-        self._deadline = deadline
-        self._timeout_s = timeout_s
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(timeout_s, self._check)
-
-    def _check(self) -> None:
-        now, since = self._loop.time(), self.since
-        if since is not None and now - since >= self._timeout_s:
-            self._timer = None
-            self._deadline.reschedule(now)
-            return
-        start = now if since is None else since
-        self._timer = self._loop.call_at(start + self._timeout_s, self._check)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
 
 class ViewerSession:
@@ -341,7 +269,7 @@ class ViewerSession:
             id=self.viewer_id,
             role=self.role,
             since=protocol.now_ms(),
-            color=person_color(self.name or self.viewer_id),
+            color=names.person_color(self.name or self.viewer_id),
             name=self.name,
         )
 

@@ -25,10 +25,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Literal, Protocol
 
-if TYPE_CHECKING:
-    from costream.client.publisher.publisher import TokenPublisher
+
+class RunMarks(Protocol):
+    """What the events mark on their publisher (a ``TokenPublisher``)."""
+
+    def start_run(self, content: str) -> None: ...
+
+    def finish_run(
+        self,
+        usage: object = None,
+        cost_usd: float | None = None,
+        *,
+        outcome: Literal["success", "cancelled"] = "success",
+        error: BaseException | str | None = None,
+    ) -> None: ...
+
+    def tool_result(self, tool_call_id: str, content: str, *, is_error: bool = False) -> None: ...
+
+    def _failed(self, what: str) -> None: ...
+
 
 log = logging.getLogger("costream.client.publisher")
 
@@ -51,7 +68,7 @@ def _texts(parts: object) -> str:
 class OpenHandsEvents:
     """Turns one OpenHands conversation's events into its publisher's runs and results."""
 
-    def __init__(self, publisher: TokenPublisher) -> None:
+    def __init__(self, publisher: RunMarks) -> None:
         self._publisher = publisher
 
     def on_event(self, event: object) -> None:
