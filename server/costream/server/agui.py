@@ -35,9 +35,16 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from costream import protocol
-from costream.errors import ExternallyProduced, NotFound, RunActive, StorageUnavailable
+from costream.errors import StorageUnavailable
 from costream.server.agui_messages import ClientMessages, Json
-from costream.server.deps import HTTPError, Services, api, authorize, read_json_body
+from costream.server.deps import (
+    HTTPError,
+    Services,
+    api,
+    authorize,
+    read_json_body,
+    start_run,
+)
 from costream.server.hub import FellBehind, Follower
 
 PROTOCOL_VERSION: Final = "1.0"  # the AG-UI version whose schemas these streams follow
@@ -232,23 +239,13 @@ async def run(request: Request) -> Response:
         raise HTTPError(400, "bad_request", "the user message's id is already in the conversation")
     state = await services.broker.log_state(conversation.id)
     follower = _follower(services, conversation.id, state.head if state else 0)
-    try:
-        run_id = await services.runs.start(
-            conversation.id,
-            run_input.content,
-            run_id=run_input.run_id,
-            message_id=run_input.message_id,
-        )
-    except ExternallyProduced:
-        raise HTTPError(
-            409,
-            "external_producer",
-            "this conversation's runs come from an external program (its publisher)",
-        ) from None
-    except RunActive:
-        raise HTTPError(409, "run_active", "a run is already active") from None
-    except NotFound:
-        raise HTTPError(404, "not_found", "unknown conversation") from None
+    run_id = await start_run(
+        services,
+        conversation.id,
+        run_input.content,
+        run_id=run_input.run_id,
+        message_id=run_input.message_id,
+    )
     # The client rebuilds on what it holds; when that is not costream's history, the
     # run's first events put costream's in its place.
     client_history = run_input.messages[:-1]

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from costream.bodies import ascii_int
-from costream.errors import ExternallyProduced, NoRun, NotFound, RunActive
+from costream.errors import NoRun
 from costream.server.deps import (
     HTTPError,
     api,
@@ -19,6 +19,7 @@ from costream.server.deps import (
     error_response,
     read_json_body,
     services_of,
+    start_run,
 )
 from costream.server.sse import event_stream, logged_events
 
@@ -113,18 +114,7 @@ async def post_message(request: Request) -> Response:
         raise HTTPError(413, "too_large", f"message longer than {limit} characters")
     if not isinstance(content, str) or not content.strip():
         raise HTTPError(400, "bad_request", 'body must be {"content": "<non-empty text>"}')
-    try:
-        run_id = await services.runs.start(conversation.id, content)
-    except ExternallyProduced:
-        raise HTTPError(
-            409,
-            "external_producer",
-            "this conversation's runs come from an external program (its publisher)",
-        ) from None
-    except RunActive:
-        raise HTTPError(409, "run_active", "a run is already active") from None
-    except NotFound:
-        raise HTTPError(404, "not_found", "unknown conversation") from None
+    run_id = await start_run(services, conversation.id, content)
     return JSONResponse({"runId": run_id}, status_code=202)
 
 

@@ -18,7 +18,7 @@ from costream.agent.runner import Runs
 from costream.bodies import BadInput, ascii_int, decode_json
 from costream.broker import Broker
 from costream.config import Settings
-from costream.errors import StorageUnavailable
+from costream.errors import ExternallyProduced, NotFound, RunActive, StorageUnavailable
 from costream.metrics import Metrics
 from costream.server.hub import Hub
 from costream.store import Conversation, Role, Store
@@ -175,3 +175,29 @@ def api(handler: Handler) -> Handler:
             return error_response(503, "unavailable", "storage unavailable, try again")
 
     return wrapped
+
+
+async def start_run(
+    services: Services,
+    conversation_id: str,
+    content: str,
+    *,
+    run_id: str | None = None,
+    message_id: str | None = None,
+) -> str:
+    """Start a run from an HTTP request (the messages and AG-UI endpoints); its id.
+    409 ``run_active`` or ``external_producer``, 404 for a conversation gone meanwhile."""
+    try:
+        return await services.runs.start(
+            conversation_id, content, run_id=run_id, message_id=message_id
+        )
+    except ExternallyProduced:
+        raise HTTPError(
+            409,
+            "external_producer",
+            "this conversation's runs come from an external program (its publisher)",
+        ) from None
+    except RunActive:
+        raise HTTPError(409, "run_active", "a run is already active") from None
+    except NotFound:
+        raise HTTPError(404, "not_found", "unknown conversation") from None
