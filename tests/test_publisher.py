@@ -557,3 +557,40 @@ def test_importing_the_publisher_loads_neither_the_server_nor_litellm_nor_redis(
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+async def test_a_new_ingest_run_forgets_what_was_kept_for_a_reaped_one(
+    start_server: StartServer, redis_url: str
+) -> None:
+    """A producer that died mid-run never calls finish; once its run is reaped and the next
+    ingest run starts, nothing of the dead run stays kept beside the conversation."""
+    from redis.asyncio import Redis
+
+    from costream.broker.redis.scripts import key
+
+    server = start_server(redis_url=redis_url, env={"COSTREAM_LEASE_TTL_MS": "1500"})
+    conversation = await create_conversation(server.url)
+    token = conversation["writeToken"]
+    runs = f"{server.url}/api/conversations/{conversation['id']}/runs"
+    status, dead = await ahttp("POST", runs, body={"input": "first"}, token=token)
+    assert status == 201
+    opening = [{"type": "TEXT_MESSAGE_START", "messageId": "m1"}]
+    status, _ = await ahttp("POST", f"{runs}/{dead['runId']}/events", body=opening, token=token)
+    assert status == 202
+    # The producer is gone: the next run starts once the dead run's lease has expired
+    # (the server reaps it then), and is refused with 409 until that moment.
+    async with asyncio.timeout(60):
+        while True:
+            status, started = await ahttp("POST", runs, body={"input": "second"}, token=token)
+            if status == 201:
+                break
+            assert started["error"]["code"] == "run_active"
+            await asyncio.sleep(0.2)
+    redis = Redis.from_url(redis_url)
+    try:
+        fences = await redis.hkeys(key(conversation["id"], "map:ingest_fences"))
+        grammars = await redis.hkeys(key(conversation["id"], "map:ingest_grammar"))
+    finally:
+        await redis.aclose()
+    assert [f.decode() for f in fences] == [started["runId"]]
+    assert grammars == []

@@ -124,6 +124,7 @@ async def start_run(request: Request) -> Response:
         raise HTTPError(409, "run_active", "a run is already active") from None
     except NotFound:
         raise HTTPError(404, "not_found", "unknown conversation") from None
+    await _forget_ended_runs(services, conversation.id)
     await services.broker.map_set(conversation.id, _FENCES, lease.run_id, str(lease.fence).encode())
     if model and model != conversation.model:
         await store.set_model(conversation.id, model)
@@ -150,6 +151,16 @@ def _decode_events(body: Any) -> list[Event]:
             msgspec.structs.replace(event, seq=msgspec.UNSET, timestamp=protocol.now_ms())
         )
     return events
+
+
+async def _forget_ended_runs(services: Services, conversation_id: str) -> None:
+    """Drop what is kept beside earlier ingest runs. One run at a time per conversation:
+    once a new one holds the lease, every earlier one has ended or was reaped (whose
+    producer never called finish, so nothing else removes its entries)."""
+    broker = services.broker
+    for name in (_FENCES, _GRAMMAR):
+        for run_id in await broker.map_all(conversation_id, name):
+            await broker.map_delete(conversation_id, name, run_id)
 
 
 async def _check_grammar(
