@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from costream import protocol
-from costream.broker import Broker, RunLease
+from costream.broker import AppendConflict, Broker, RunLease
 from costream.broker.memory import MemoryBroker
 from costream.broker.redis import RedisBroker
 from costream.broker.sqlite import SqliteBroker
@@ -235,6 +235,55 @@ async def test_fenced_out_producer_gets_lease_lost_and_appends_nothing(pair: Pai
     assert await broker.append(successor, [delta(3)]) == 3
     active = await broker.active_run(conversation_id)
     assert active is not None and active.lease_alive and active.fence == successor.fence
+
+
+async def test_append_with_the_expected_head_stores_a_retried_batch_once(pair: Pair) -> None:
+    """A batch sent again with the same expected head is answered with the head, not stored."""
+    broker = pair.producer
+    conversation_id = await new_conversation(broker)
+    lease = await start(broker, conversation_id)
+    batch = [delta(1), delta(2)]
+    assert await broker.append(lease, batch, expected_head=1) == 3
+    assert await broker.append(lease, batch, expected_head=1) == 3
+    assert await broker.append(lease, [delta(3)], expected_head=3) == 4
+    assert await broker.append(lease, [], expected_head=4) == 4
+    frames = await broker.read_log(conversation_id, 0, 100)
+    assert seqs(frames) == [1, 2, 3, 4]
+    assert [protocol.event_decoder.decode(frame).delta for frame in frames[1:]] == [  # type: ignore[union-attr]
+        "token 1 ",
+        "token 2 ",
+        "token 3 ",
+    ]
+
+
+async def test_append_with_a_wrong_expected_head_conflicts_and_appends_nothing(
+    pair: Pair,
+) -> None:
+    """An expected head that is neither the head nor the head before this batch raises
+    AppendConflict (a LeaseLost) and leaves the log alone."""
+    broker = pair.producer
+    conversation_id = await new_conversation(broker)
+    lease = await start(broker, conversation_id)
+    await broker.append(lease, [delta(1), delta(2)], expected_head=1)
+    for expected in (0, 1, 4):
+        with pytest.raises(AppendConflict) as conflict:
+            await broker.append(lease, [delta(3)], expected_head=expected)
+        assert conflict.value.head == 3 and conflict.value.expected_head == expected
+    assert seqs(await broker.read_log(conversation_id, 0, 100)) == [1, 2, 3]
+
+
+async def test_retried_batch_under_a_fence_that_moved_on_is_lease_lost(pair: Pair) -> None:
+    """A batch already stored is not acknowledged to a producer that lost the lease."""
+    broker = pair.producer
+    conversation_id = await new_conversation(broker)
+    lease = await start(broker, conversation_id, ttl_ms=50)
+    await broker.append(lease, [delta(1), delta(2)], expected_head=1)
+    await wait_for_lease_to_expire(broker, conversation_id)
+    assert await broker.take_over_run(conversation_id, LONG_TTL_MS) is not None
+    with pytest.raises(LeaseLost) as lost:
+        await broker.append(lease, [delta(1), delta(2)], expected_head=1)
+    assert not isinstance(lost.value, AppendConflict)
+    assert (await broker.log_state(conversation_id)).head == 3  # type: ignore[union-attr]
 
 
 async def test_expired_lease_refuses_appends_until_taken_over(pair: Pair) -> None:

@@ -238,7 +238,9 @@ async def test_a_model_without_a_price_costs_nothing_and_still_finishes(
 ) -> None:
     """A model LiteLLM has no price for: cost 0, the run still succeeds."""
     llm_server.enqueue(text("Fine.", 20, 3))
-    server = start_server(env=llm_env(llm_server))
+    server = start_server(
+        env={**llm_env(llm_server), "COSTREAM_ALLOWED_MODELS": "openai/costream-unpriced-model"}
+    )
     _, _, events = await run_message(server, model="openai/costream-unpriced-model")
 
     step = next(e for e in events if e["type"] == "STEP_FINISHED")

@@ -51,12 +51,17 @@ class Settings:
     # Host header values accepted when not listening on loopback (empty: any); a name
     # outside the list is refused 421, which stops DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
+    # The models a creator may name (COSTREAM_ALLOWED_MODELS); empty: the server's own.
+    allowed_models: tuple[str, ...] = ()
 
     # Limits.
     max_message_chars: int = 100_000
     max_frame_bytes: int = 1024 * 1024
     max_body_bytes: int = 1024 * 1024
-    max_viewers_per_conversation: int = 1000
+    max_viewers_per_conversation: int = 1000  # WebSockets and SSE streams
+    max_runs: int = 20  # runs at once on one process
+    create_rate: float = 60.0  # conversations per minute per client over HTTP; 0: no limit
+    message_rate: float = 120.0  # messages per minute per client over HTTP; 0: no limit
     viewer_queue_frames: int = 1024
     # Replies (pong, accepted, error) waiting for one client that does not read: past
     # either bound the session is closed 4008.
@@ -83,6 +88,11 @@ class Settings:
     @property
     def is_demo(self) -> bool:
         return self.model == DEMO_MODEL
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models a conversation may use: ``allowed_models``, else the server's own."""
+        return self.allowed_models or (self.model,)
 
     def secrets(self) -> list[str]:
         """The values that must never reach a log line: API key, create key, Redis password."""
@@ -127,6 +137,10 @@ class Settings:
             max_replies=_env_int("COSTREAM_MAX_REPLIES", cls.max_replies),
             max_reply_bytes=_env_int("COSTREAM_MAX_REPLY_BYTES", cls.max_reply_bytes),
             allowed_hosts=_env_list("COSTREAM_ALLOWED_HOSTS"),
+            allowed_models=_env_list("COSTREAM_ALLOWED_MODELS"),
+            max_runs=_env_int("COSTREAM_MAX_RUNS", cls.max_runs),
+            create_rate=_env_float("COSTREAM_CREATE_RATE", cls.create_rate),
+            message_rate=_env_float("COSTREAM_MESSAGE_RATE", cls.message_rate),
             send_buffer_bytes=_env_int("COSTREAM_SEND_BUFFER_BYTES", cls.send_buffer_bytes),
             log_retain=_env_int("COSTREAM_LOG_RETAIN", cls.log_retain),
             llm_retries=_env_int("COSTREAM_LLM_RETRIES", cls.llm_retries),

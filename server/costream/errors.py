@@ -4,8 +4,10 @@ CostreamError
 ├── NotFound            unknown conversation (HTTP 404, close 4404)
 ├── RunActive           a run is already active (HTTP 409, error run_active)
 │   └── ExternallyProduced  the conversation's runs come from an external program
+├── TooManyRuns         this process runs its limit of runs (HTTP 429, error rate_limited)
 ├── NoRun               nothing to cancel (HTTP 409, error no_run)
 ├── LeaseLost           this process no longer holds the run lease (fencing token moved on)
+│   └── AppendConflict  an append's expected head matches neither before nor after its batch
 ├── StorageUnavailable  the broker's storage did not answer (HTTP 503, close 4000)
 └── DataDirError        the embedded store's data directory cannot be used (exit 2 at start)
 """
@@ -30,12 +32,25 @@ class ExternallyProduced(RunActive):
     a writer's message starts no run on the servers."""
 
 
+class TooManyRuns(CostreamError):
+    """This process already runs ``Settings.max_runs`` runs; retry later."""
+
+
 class NoRun(CostreamError):
     """There is no run to cancel."""
 
 
 class LeaseLost(CostreamError):
     """The run lease expired or was taken over; the producer must stop appending."""
+
+
+class AppendConflict(LeaseLost):
+    """An append's ``expected_head`` is neither the log's head nor the head the batch
+    would have made: someone else wrote, or the producer lost count. Nothing appended."""
+
+    def __init__(self, conversation_id: str, head: int, expected_head: int) -> None:
+        super().__init__(conversation_id)
+        self.head, self.expected_head = head, expected_head
 
 
 class StorageUnavailable(CostreamError):

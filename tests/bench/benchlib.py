@@ -256,7 +256,13 @@ def start_costream(
         args += ["--redis-url", redis_url]
     elif "COSTREAM_DATA_DIR" not in (env or {}):
         args.append("--memory")
-    child = work.spawn(f"costream-{port}", args, base_env(**(env or {})))
+    # The benchmarks load one server far past a public deployment's abuse limits.
+    unlimited = {
+        "COSTREAM_MAX_RUNS": "1000",
+        "COSTREAM_CREATE_RATE": "0",
+        "COSTREAM_MESSAGE_RATE": "0",
+    }
+    child = work.spawn(f"costream-{port}", args, base_env(**(unlimited | (env or {}))))
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_ok(f"{url}/healthz"), 60, "costream serve", child)
     return child, url

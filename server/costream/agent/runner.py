@@ -52,7 +52,7 @@ from costream.agent.storage import STORAGE_RETRY_S, LogWriter, durably
 from costream.agent.tools import TOOL_SPECS, Workspace
 from costream.broker import Broker, RunLease
 from costream.config import Settings
-from costream.errors import LeaseLost, NoRun, NotFound, RunActive, StorageUnavailable
+from costream.errors import LeaseLost, NoRun, NotFound, RunActive, StorageUnavailable, TooManyRuns
 from costream.lifecycle import Outcome, RunEnd, open_run
 from costream.metrics import Metrics
 from costream.protocol import (
@@ -337,6 +337,7 @@ class Runs:
         self.metrics = metrics
         self.token_callbacks = tuple(token_callbacks)
         self._local: dict[str, _Run] = {}  # conversation id -> its run on this process
+        self._opening = 0  # starts past the cap check, not yet in _local
 
     async def start(
         self,
@@ -347,21 +348,28 @@ class Runs:
         message_id: str | None = None,
         sender: str | None = None,
     ) -> str:
-        """Start a run; returns its id once RUN_STARTED is in the log."""
-        conversation = await self.store.get(conversation_id)
-        if conversation is None:
-            raise NotFound(conversation_id)
-        lease = await open_run(
-            self.broker,
-            self.store,
-            conversation_id,
-            content,
-            self.settings.lease_ttl_ms,
-            self._reap_unless_local,
-            run_id=run_id,
-            message_id=message_id,
-            sender=sender,
-        )
+        """Start a run; returns its id once RUN_STARTED is in the log. TooManyRuns
+        when this process already runs ``max_runs``."""
+        if len(self._local) + self._opening >= self.settings.max_runs:
+            raise TooManyRuns(conversation_id)
+        self._opening += 1
+        try:
+            conversation = await self.store.get(conversation_id)
+            if conversation is None:
+                raise NotFound(conversation_id)
+            lease = await open_run(
+                self.broker,
+                self.store,
+                conversation_id,
+                content,
+                self.settings.lease_ttl_ms,
+                self._reap_unless_local,
+                run_id=run_id,
+                message_id=message_id,
+                sender=sender,
+            )
+        finally:
+            self._opening -= 1
         self.metrics.runs_started.inc()
         self.metrics.events_appended.inc()
         model = conversation.model

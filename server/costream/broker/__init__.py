@@ -12,6 +12,11 @@ and publishes the same bytes, in one atomic step. So:
   order of publication, and every published frame is already readable from the log.
 - Appends carry the run lease's fencing token and are refused (``LeaseLost``) once another
   holder took the lease over, so a stalled producer can never write after its successor.
+- An append may carry the head it expects (``expected_head``), so a producer that lost
+  the answer to an append can send the same batch again and have it stored once: the
+  broker stores the batch when the head is ``expected_head``, answers the head without
+  storing when the head is ``expected_head + len(bodies)`` (the batch is already there)
+  and otherwise raises ``AppendConflict``, all in the same atomic step as the append.
 - The live tail is at most once: a frame may be lost on the pub/sub path (a broken
   connection), never reordered. Consumers fill holes from the log; after the subscription
   is re-established the broker calls ``on_resync`` so they check the log at once.
@@ -25,7 +30,18 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["ActiveRun", "Broker", "FrameListener", "LogState", "ResyncListener", "RunLease"]
+from costream.errors import AppendConflict
+
+__all__ = [
+    "ActiveRun",
+    "AppendConflict",
+    "Broker",
+    "FrameListener",
+    "LogState",
+    "ResyncListener",
+    "RunLease",
+    "check_expected_head",
+]
 
 FrameListener = Callable[[str, bytes], None]
 """Called with (conversation id, frame) for each published frame, in publication order.
@@ -34,6 +50,19 @@ A frame is a logged event (``protocol.is_logged_frame``) or an encoded ``presenc
 ResyncListener = Callable[[str], None]
 """Called with a conversation id when its subscription was re-established after a break:
 frames may have been missed, read the log."""
+
+
+def check_expected_head(
+    conversation_id: str, head: int, expected_head: int | None, count: int
+) -> bool:
+    """Whether a batch of ``count`` events is to be stored at ``head`` (False: it already
+    is, the head is ``expected_head + count``). Raises ``AppendConflict`` otherwise.
+    Shared by the in-process brokers; the Redis script does the same in Lua."""
+    if expected_head is None or head == expected_head:
+        return True
+    if head == expected_head + count:
+        return False
+    raise AppendConflict(conversation_id, head, expected_head)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +172,17 @@ class Broker(abc.ABC):
         Raises ``RunActive`` when the conversation has a run, alive or not yet reaped."""
 
     @abc.abstractmethod
-    async def append(self, lease: RunLease, bodies: Sequence[bytes]) -> int:
+    async def append(
+        self, lease: RunLease, bodies: Sequence[bytes], expected_head: int | None = None
+    ) -> int:
         """Append and publish events of a run, in order; returns the seq of the last.
-        Raises ``LeaseLost`` (nothing appended) when ``lease`` is no longer current."""
+        Raises ``LeaseLost`` (nothing appended) when ``lease`` is no longer current.
+
+        With ``expected_head`` (the seq of the log's last event before this batch), checked
+        atomically with the append and after the lease: when the head is ``expected_head``
+        the batch is appended; when it is ``expected_head + len(bodies)`` the batch was
+        already stored (a retry): the head is returned and nothing appended; otherwise
+        ``AppendConflict`` (a ``LeaseLost``; nothing appended)."""
 
     @abc.abstractmethod
     async def finish_run(

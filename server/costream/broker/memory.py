@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from costream import protocol
-from costream.broker import ActiveRun, Broker, FrameListener, LogState, ResyncListener, RunLease
+from costream.broker import (
+    ActiveRun,
+    Broker,
+    FrameListener,
+    LogState,
+    ResyncListener,
+    RunLease,
+    check_expected_head,
+)
 from costream.errors import LeaseLost, RunActive, StorageUnavailable
 from costream.protocol import PRESENCE_MAX_PEOPLE
 
@@ -183,8 +191,14 @@ class MemoryBroker(Broker):
         self._trim(conversation)
         return RunLease(conversation_id, run_id, conversation.fence)
 
-    async def append(self, lease: RunLease, bodies: Sequence[bytes]) -> int:
+    async def append(
+        self, lease: RunLease, bodies: Sequence[bytes], expected_head: int | None = None
+    ) -> int:
         conversation = self._check_lease(lease)
+        if not check_expected_head(
+            lease.conversation_id, conversation.head, expected_head, len(bodies)
+        ):
+            return conversation.head
         for body in bodies:
             self._append(lease.conversation_id, conversation, body)
         self._trim(conversation)

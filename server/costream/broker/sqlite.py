@@ -293,9 +293,11 @@ class SqliteBroker(MemoryBroker):
         await self._write_log(conversation_id)
         return lease
 
-    async def append(self, lease: RunLease, bodies: Sequence[bytes]) -> int:
+    async def append(
+        self, lease: RunLease, bodies: Sequence[bytes], expected_head: int | None = None
+    ) -> int:
         await self._load(lease.conversation_id)
-        head = await super().append(lease, bodies)
+        head = await super().append(lease, bodies, expected_head)
         await self._write_log(lease.conversation_id)
         return head
 

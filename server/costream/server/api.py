@@ -16,12 +16,13 @@ from costream.server.deps import (
     api,
     authorize,
     bearer_token,
+    check_rate,
     error_response,
     read_json_body,
     services_of,
     start_run,
 )
-from costream.server.sse import event_stream, logged_events
+from costream.server.sse import counted_stream, logged_events
 
 
 def _optional_str(body: dict[str, Any], name: str, limit: int) -> str | None:
@@ -39,6 +40,7 @@ def _optional_str(body: dict[str, Any], name: str, limit: int) -> str | None:
 async def create_conversation(request: Request) -> Response:
     services = services_of(request)
     settings = services.settings
+    check_rate(request, services.limits.create, "conversations")
     if settings.create_key is not None:
         token = bearer_token(request) or ""
         if not hmac.compare_digest(token.encode(), settings.create_key.encode()):
@@ -47,7 +49,13 @@ async def create_conversation(request: Request) -> Response:
     if not isinstance(body, dict):
         raise HTTPError(400, "bad_request", "body must be a JSON object")
     title = _optional_str(body, "title", 200) or "Untitled conversation"
-    model = _optional_str(body, "model", 200) or settings.model
+    # An operator's allow-list: anyone may create, so a free choice would let anyone spend
+    # the server's key on any model, or send it to any provider.
+    model = _optional_str(body, "model", 200)
+    if model is not None and model not in settings.models:
+        allowed = ", ".join(settings.models)
+        raise HTTPError(400, "bad_request", f"model must be one of: {allowed}")
+    model = model or settings.model
     system = _optional_str(body, "system", settings.max_message_chars) or ""
     created = await services.store.create(title=title, model=model, system=system)
     base = str(request.base_url).rstrip("/")
@@ -106,6 +114,7 @@ async def get_links(request: Request) -> Response:
 
 @api
 async def post_message(request: Request) -> Response:
+    check_rate(request, services_of(request).limits.message, "messages")
     services, conversation, _ = await authorize(request, write=True)
     body = await read_json_body(request, services.settings.max_body_bytes)
     content = body.get("content") if isinstance(body, dict) else None
@@ -152,7 +161,7 @@ async def get_events(request: Request) -> Response:
                 )
             after = resumed
         return StreamingResponse(
-            event_stream(services, conversation.id, after),
+            counted_stream(services, conversation.id, after),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -29,6 +29,7 @@ from costream.server import agui, api, ingest
 from costream.server.deps import Services, Sessions, services_of
 from costream.server.guard import Guard
 from costream.server.hub import Hub
+from costream.server.ratelimit import HTTPLimits
 from costream.server.session import ViewerSession
 from costream.store import Store
 
@@ -202,6 +203,7 @@ def create_app(settings: Settings) -> Starlette:
         runs=Runs(settings, broker, store, metrics_registry),
         metrics=metrics_registry,
         sessions=Sessions(),
+        limits=HTTPLimits(settings),
     )
 
     @contextlib.asynccontextmanager

@@ -1,7 +1,7 @@
 """What the server's handlers share: the process's services, HTTP errors, authorization.
 
-HTTP checks run in PROTOCOL.md's order: 404, 401, 403, 413, 400, 409 (a conversation's
-existence is not a secret; its content is).
+HTTP checks run in PROTOCOL.md's order: 429 (per-client rate), 404, 401, 403, 413, 400,
+409, 429 (runs per process) (a conversation's existence is not a secret; its content is).
 """
 
 from __future__ import annotations
@@ -18,9 +18,16 @@ from costream.agent.runner import Runs
 from costream.bodies import BadInput, ascii_int, decode_json
 from costream.broker import Broker
 from costream.config import Settings
-from costream.errors import ExternallyProduced, NotFound, RunActive, StorageUnavailable
+from costream.errors import (
+    ExternallyProduced,
+    NotFound,
+    RunActive,
+    StorageUnavailable,
+    TooManyRuns,
+)
 from costream.metrics import Metrics
 from costream.server.hub import Hub
+from costream.server.ratelimit import ClientLimits, HTTPLimits
 from costream.store import Conversation, Role, Store
 
 
@@ -34,10 +41,22 @@ class LocalSession(Protocol):
 
 
 class Sessions:
-    """The sessions of this process, by conversation (limits, shutdown)."""
+    """The sessions of this process, by conversation (limits, shutdown), and its SSE
+    streams, which count toward the viewer limit too."""
 
     def __init__(self) -> None:
         self._by_conversation: dict[str, set[LocalSession]] = {}
+        self._streams: dict[str, int] = {}
+
+    def open_stream(self, conversation_id: str) -> None:
+        self._streams[conversation_id] = self._streams.get(conversation_id, 0) + 1
+
+    def close_stream(self, conversation_id: str) -> None:
+        left = self._streams.get(conversation_id, 0) - 1
+        if left > 0:
+            self._streams[conversation_id] = left
+        else:
+            self._streams.pop(conversation_id, None)
 
     def add(self, session: LocalSession) -> None:
         self._by_conversation.setdefault(session.conversation_id, set()).add(session)
@@ -50,7 +69,9 @@ class Sessions:
                 del self._by_conversation[session.conversation_id]
 
     def count(self, conversation_id: str) -> int:
-        return len(self._by_conversation.get(conversation_id, ()))
+        """WebSocket sessions and SSE streams of the conversation on this process."""
+        sessions = len(self._by_conversation.get(conversation_id, ()))
+        return sessions + self._streams.get(conversation_id, 0)
 
     def viewer_ids(self, conversation_id: str) -> list[str]:
         return [s.viewer_id for s in self._by_conversation.get(conversation_id, ())]
@@ -70,19 +91,41 @@ class Services:
     runs: Runs
     metrics: Metrics
     sessions: Sessions
+    limits: HTTPLimits
     # Called once the app has started, inside the server's own start-up (serve.py hooks
     # its signal handling here, on top of uvicorn's).
     on_started: list[Callable[[], None]] = field(default_factory=list)
 
 
+RUNS_RETRY_AFTER_S = 5  # a run slot frees when any run of the process ends
+
+
 class HTTPError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def rate_limited(message: str, retry_after_s: int) -> HTTPError:
+    """429 ``rate_limited`` with a ``Retry-After`` in whole seconds."""
+    return HTTPError(429, "rate_limited", message, {"Retry-After": str(retry_after_s)})
+
+
+def check_rate(request: Request, limits: ClientLimits, what: str) -> None:
+    """429 when the request's client went over ``limits``."""
+    wait = services_of(request).limits.check(limits, request)
+    if wait is not None:
+        raise rate_limited(f"too many {what} from this address, retry in {wait} s", wait)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -170,7 +213,7 @@ def api(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except HTTPError as error:
-            return error_response(error.status, error.code, error.message)
+            return error_response(error.status, error.code, error.message, error.headers)
         except StorageUnavailable:
             return error_response(503, "unavailable", "storage unavailable, try again")
 
@@ -186,11 +229,16 @@ async def start_run(
     message_id: str | None = None,
 ) -> str:
     """Start a run from an HTTP request (the messages and AG-UI endpoints); its id.
-    409 ``run_active`` or ``external_producer``, 404 for a conversation gone meanwhile."""
+    409 ``run_active`` or ``external_producer``, 404 for a conversation gone meanwhile,
+    429 when this process runs its limit of runs."""
     try:
         return await services.runs.start(
             conversation_id, content, run_id=run_id, message_id=message_id
         )
+    except TooManyRuns:
+        raise rate_limited(
+            "this server runs as many conversations as it may, retry later", RUNS_RETRY_AFTER_S
+        ) from None
     except ExternallyProduced:
         raise HTTPError(
             409,

@@ -4,15 +4,19 @@ A program that cannot reach the servers' Redis publishes its LLM stream with the
 conversation's write token:
 
 - ``POST /api/conversations/{id}/runs`` ``{"input", "model"?, "exclusive"?}``: takes the
-  run lease and appends ``RUN_STARTED`` (201 ``{"runId", "leaseTtlMs"}``; 409 while a run
-  is active). ``model`` becomes the model shown to viewers; ``exclusive: true`` marks the
-  conversation as owned by an external producer: from then on a writer's message starts
-  no run on the servers (409 ``run_active``), only the ingest endpoints do.
+  run lease and appends ``RUN_STARTED`` (201 ``{"runId", "leaseTtlMs", "head"}``; 409
+  while a run is active). ``model`` becomes the model shown to viewers; ``exclusive:
+  true`` marks the conversation as owned by an external producer: from then on a writer's
+  message starts no run on the servers (409 ``external_producer``), only these endpoints.
 - ``POST .../runs/{runId}/events`` with a JSON array of events without ``seq``: each is
   checked with the protocol's decoder, stamped with the server's time and appended in
   order under the run's lease, which the call renews (202 ``{"head", "cancelRequested"}``;
-  ``[]`` only renews). A run's own boundaries (``RUN_STARTED``, ``RUN_FINISHED``,
-  ``RUN_ERROR``) and ``MESSAGES_SNAPSHOT`` are refused.
+  ``[]`` only renews). With ``?expectedHead=N`` (the head before this batch: the start's
+  or the previous append's ``head``) a batch sent again after a lost answer is stored
+  once: when the head is already ``N + len(batch)`` the answer is 202 with that head and
+  nothing is appended; a head that is neither is 409 ``head_mismatch``. A run's own
+  boundaries (``RUN_STARTED``, ``RUN_FINISHED``, ``RUN_ERROR``) and ``MESSAGES_SNAPSHOT``
+  are refused.
 - ``POST .../runs/{runId}/finish`` ``{"outcome", "usage"?, "costUsd"?, "model"?,
   "error"?, "messages"?}``: closes what is still open, records the history and cost,
   appends ``RUN_FINISHED`` or ``RUN_ERROR`` and releases the lease (200); ``model``
@@ -33,7 +37,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from costream import lifecycle, protocol
-from costream.broker import ActiveRun, RunLease
+from costream.bodies import ascii_int
+from costream.broker import ActiveRun, AppendConflict, RunLease
 from costream.errors import LeaseLost, NotFound, RunActive
 from costream.grammar import GrammarError, RunGrammar, grammar_decoder, grammar_encoder
 from costream.lifecycle import RunEnd, open_run
@@ -130,8 +135,11 @@ async def start_run(request: Request) -> Response:
         await store.set_model(conversation.id, model)
     services.metrics.runs_started.inc()
     services.metrics.events_appended.inc()
+    active = await services.broker.active_run(conversation.id)
+    head = active.start_seq if active is not None and active.run_id == lease.run_id else None
     return JSONResponse(
-        {"runId": lease.run_id, "leaseTtlMs": settings.lease_ttl_ms}, status_code=201
+        {"runId": lease.run_id, "leaseTtlMs": settings.lease_ttl_ms, "head": head},
+        status_code=201,
     )
 
 
@@ -178,25 +186,71 @@ async def _check_grammar(
     return grammar_encoder.encode(state)
 
 
+def _expected_head(request: Request) -> int | None:
+    """``?expectedHead=N`` (ASCII digits), or None when absent; 400 when malformed."""
+    raw = request.query_params.get("expectedHead")
+    if raw is None:
+        return None
+    value = ascii_int(raw, 2**62)
+    if value is None:
+        raise _bad_request("expectedHead must be a seq written in ASCII digits")
+    return value
+
+
 @api
 async def post_events(request: Request) -> Response:
     services, conversation, _ = await authorize(request, write=True)
     body = await read_json_body(request, services.settings.max_body_bytes)
     events = _decode_events(body)
+    expected_head = _expected_head(request)
     run_id = request.path_params["run_id"]
     lease, _ = await _lease(services, conversation.id, run_id)
     broker = services.broker
     bodies = [protocol.encode(event) for event in events]
     try:
-        if bodies:
-            state = await _check_grammar(services, conversation.id, run_id, events)
-            await broker.map_set(conversation.id, _GRAMMAR, run_id, state)
-        head = await broker.append(lease, bodies) if bodies else None
+        head = await _append(services, lease, events, bodies, expected_head)
         cancel = await broker.renew_lease(lease, services.settings.lease_ttl_ms)
+    except AppendConflict as conflict:
+        raise HTTPError(
+            409,
+            "head_mismatch",
+            f"expectedHead {conflict.expected_head} does not match the log's head "
+            f"{conflict.head} (before or after this batch)",
+        ) from None
     except LeaseLost:
         raise _no_run(run_id) from None
-    services.metrics.events_appended.inc(len(bodies))
     return JSONResponse({"head": head, "cancelRequested": cancel}, status_code=202)
+
+
+async def _append(
+    services: Services,
+    lease: RunLease,
+    events: list[Event],
+    bodies: list[bytes],
+    expected_head: int | None,
+) -> int | None:
+    """Append a batch after the grammar check; its head (None for an empty batch without
+    ``expected_head``). A batch the log already holds (a retry: the head is
+    ``expected_head + len(bodies)``) is answered with the head, before the grammar, which
+    took it in already and would refuse it a second time; a head that is neither is a
+    conflict (409) before any grammar check."""
+    broker, conversation_id = services.broker, lease.conversation_id
+    if expected_head is not None and bodies:
+        state = await broker.log_state(conversation_id)
+        head = 0 if state is None else state.head
+        if head == expected_head + len(bodies):
+            # The broker checks again, atomically with the lease: nothing is appended.
+            return await broker.append(lease, bodies, expected_head)
+        if head != expected_head:  # the grammar's state is of another position: 409 first
+            raise AppendConflict(conversation_id, head, expected_head)
+    if not bodies:
+        return None if expected_head is None else await broker.append(lease, [], expected_head)
+    grammar = await _check_grammar(services, conversation_id, lease.run_id, events)
+    head = await broker.append(lease, bodies, expected_head)
+    # Saved once the batch is stored, so a batch that was not stored can be sent again.
+    await broker.map_set(conversation_id, _GRAMMAR, lease.run_id, grammar)
+    services.metrics.events_appended.inc(len(bodies))
+    return head
 
 
 @api

@@ -23,6 +23,7 @@ from costream.errors import (
     NotFound,
     RunActive,
     StorageUnavailable,
+    TooManyRuns,
 )
 from costream.protocol import (
     CLOSE_BAD_FRAME,
@@ -324,6 +325,10 @@ class ViewerSession:
             return self._error("rate_limited", "too many messages, slow down")
         try:
             run_id = await self.services.runs.start(self.conversation_id, content, sender=self.name)
+        except TooManyRuns:
+            return self._error(
+                "rate_limited", "this server runs as many conversations as it may, retry later"
+            )
         except ExternallyProduced:
             return self._error(
                 "external_producer",

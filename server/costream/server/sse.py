@@ -5,19 +5,66 @@ the events after it, never an empty answer."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from costream.errors import StorageUnavailable
 from costream.protocol import seq_of, seq_of_text
-from costream.server.deps import Services
+from costream.server.deps import HTTPError, Services, Sessions
 from costream.server.hub import FellBehind, Follower, Resume, resume_point
+
+OVERLOADED_RETRY_AFTER_S = 5
 
 
 def _sse(frame: str) -> str:
     return f"id: {seq_of_text(frame)}\ndata: {frame}\n\n"
 
 
-async def event_stream(services: Services, conversation_id: str, after: int) -> AsyncIterator[str]:
+class _Slot:
+    """One SSE stream's place in the viewer count, given back once."""
+
+    def __init__(self, sessions: Sessions, conversation_id: str) -> None:
+        self.sessions, self.conversation_id = sessions, conversation_id
+        sessions.open_stream(conversation_id)
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.sessions.close_stream(self.conversation_id)
+
+
+def counted_stream(services: Services, conversation_id: str, after: int) -> AsyncIterator[str]:
+    """``event_stream``, counted toward ``max_viewers_per_conversation`` as a WebSocket
+    is: 503 ``overloaded`` with ``Retry-After`` when the conversation has that many
+    viewers on this process."""
+    sessions = services.sessions
+    if sessions.count(conversation_id) >= services.settings.max_viewers_per_conversation:
+        raise HTTPError(
+            503,
+            "overloaded",
+            "too many viewers, retry later",
+            {"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
+        )
+    slot = _Slot(sessions, conversation_id)
+    body = _released(slot, event_stream(services, conversation_id, after))
+    # A body the server never starts (the client left first) runs no ``finally``: the
+    # slot is then given back when the generator is collected.
+    weakref.finalize(body, slot.release)
+    return body
+
+
+async def _released(slot: _Slot, body: AsyncGenerator[str]) -> AsyncIterator[str]:
+    try:
+        async with contextlib.aclosing(body):
+            async for chunk in body:
+                yield chunk
+    finally:
+        slot.release()
+
+
+async def event_stream(services: Services, conversation_id: str, after: int) -> AsyncGenerator[str]:
     """The SSE body: the snapshot if the events after ``after`` were trimmed, the log,
     then live, with a comment line as heartbeat when idle."""
     try:

@@ -32,7 +32,15 @@ from redis.commands.core import AsyncScript
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT
 
-from costream.broker import ActiveRun, Broker, FrameListener, LogState, ResyncListener, RunLease
+from costream.broker import (
+    ActiveRun,
+    AppendConflict,
+    Broker,
+    FrameListener,
+    LogState,
+    ResyncListener,
+    RunLease,
+)
 from costream.broker.redis import scripts
 from costream.broker.redis.endpoint import Endpoint, secrets_of
 from costream.broker.redis.live import UNAVAILABLE, LiveTail
@@ -278,13 +286,23 @@ class RedisBroker(Broker):
             raise StorageUnavailable("conversation vanished")
         return RunLease(conversation_id, run_id, fence)
 
-    async def append(self, lease: RunLease, bodies: Sequence[bytes]) -> int:
+    async def append(
+        self, lease: RunLease, bodies: Sequence[bytes], expected_head: int | None = None
+    ) -> int:
         conversation_id = lease.conversation_id
+        expected = "" if expected_head is None else str(expected_head)
         seq = int(
-            await self._run_script(self._scripts.append, conversation_id, lease.fence, *bodies)
+            await self._run_script(
+                self._scripts.append, conversation_id, lease.fence, expected, *bodies
+            )
         )
         if seq == scripts.LEASE_LOST:
             raise LeaseLost(conversation_id)
+        if seq == scripts.CONFLICT:
+            # The script does not return the head on a conflict; read it for the message.
+            state = await self.log_state(conversation_id)
+            assert expected_head is not None
+            raise AppendConflict(conversation_id, state.head if state else 0, expected_head)
         return seq
 
     async def finish_run(

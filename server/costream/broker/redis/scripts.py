@@ -84,6 +84,7 @@ def lua(script: str, *, sharded: bool) -> str:
 LEASE_LOST: Final = -1
 RUN_ACTIVE: Final = -1
 VANISHED: Final = -2
+CONFLICT: Final = -3  # APPEND: the expected head is neither the head nor the head after
 
 # Shared by the run scripts. KEYS: meta, log, run, lease, snapshot. ARGV[1]: the live
 # channel, ARGV[2]: log_retain, ARGV[3]: the fence (or the ttl for take_over).
@@ -135,13 +136,20 @@ return tonumber(fence)
 """
 )
 
-# ARGV[4..]: bodies. Returns the seq of the last (the head).
+# ARGV[4]: the expected head ('' for none), ARGV[5..]: bodies. Returns the seq of the
+# last (the head); the head without appending when the batch is already stored (head =
+# expected + its length: a retry); CONFLICT when the head is neither.
 APPEND: Final = (
     RUN_PRELUDE
     + """
 if not holds_lease(ARGV[3]) then return -1 end
 local seq = head()
-for i = 4, #ARGV do seq = append(ARGV[i]) end
+if ARGV[4] ~= '' then
+  local expected = tonumber(ARGV[4])
+  if seq == expected + #ARGV - 4 and seq ~= expected then return seq end
+  if seq ~= expected then return -3 end
+end
+for i = 5, #ARGV do seq = append(ARGV[i]) end
 trim()
 return seq
 """

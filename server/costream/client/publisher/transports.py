@@ -5,7 +5,9 @@
 - :class:`HTTPTransport`: through a server's ingest endpoints (``ingest.py``) with the
   conversation's write token (``url`` + ``token``).
 
-Both are blocking and called from the publisher's thread only. A failed call raises
+Both send every batch with the head they expect before it (the start's, then each
+append's answer), so a batch tried again after a lost answer is stored once (the broker's
+``expected_head``). Both are blocking and called from the publisher's thread only. A failed call raises
 :class:`PublishError`, whose message is safe to log (no token, no password). The Redis
 transport starts, ends and reaps runs with :mod:`costream.lifecycle`, as the runner and
 ``ingest.py`` do.
@@ -64,7 +66,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def append(self, bodies: list[bytes]) -> bool:
-        """Append events of the run; whether a cancel was requested (when known)."""
+        """Append events of the run; whether a cancel was requested (when known). Called
+        again with the same ``bodies`` after a failure, it stores each event once."""
 
     @abc.abstractmethod
     def renew(self) -> bool:
@@ -91,6 +94,7 @@ class RedisTransport(Transport):
         self._broker = RedisBroker(redis_url)
         self._store = Store(self._broker)
         self._lease: RunLease | None = None
+        self._head = 0  # the log's head after our last stored batch
 
     def _call(self, make: Callable[[], Awaitable[T]]) -> T:
         async def call() -> T:
@@ -125,6 +129,10 @@ class RedisTransport(Transport):
         )
         if model:
             await store.set_model(conversation_id, model)
+        active = await self._broker.active_run(conversation_id)
+        if active is None or active.fence != lease.fence:
+            raise LeaseLost(conversation_id)
+        self._head = active.start_seq  # nobody else appends while we hold the lease
         return lease
 
     def start_run(self, content: str, model: str, exclusive: bool) -> str:
@@ -137,8 +145,9 @@ class RedisTransport(Transport):
         return self._lease
 
     def append(self, bodies: list[bytes]) -> bool:
-        lease = self._current()
-        self._call(lambda: self._broker.append(lease, bodies))
+        lease, expected = self._current(), self._head
+        # A retry after a lost answer sends the same expected head: stored once.
+        self._head = self._call(lambda: self._broker.append(lease, bodies, expected))
         return False
 
     def renew(self) -> bool:
@@ -199,6 +208,11 @@ class HTTPTransport(Transport):
         self._timeout_s = timeout_s
         self._connection: http.client.HTTPConnection | None = None
         self._run_path = ""
+        self._head: int | None = None  # the log's head after our last stored batch
+        # The request batches of the last append() call and how many were stored, so a
+        # retry of the same events resends only the rest, each with its expected head.
+        self._batches: list[list[bytes]] = []
+        self._stored = 0
 
     def _request(self, path: str, body: bytes) -> Any:
         """POST ``body``; the answer's JSON. Errors name the status, never the token."""
@@ -241,14 +255,29 @@ class HTTPTransport(Transport):
         answer = self._request("/runs", json.dumps(body).encode())
         run_id = str(answer["runId"])
         self.lease_ttl_ms = int(answer.get("leaseTtlMs", DEFAULT_LEASE_TTL_MS))
+        head = answer.get("head")
+        self._head = head if isinstance(head, int) else None  # None: an older server
         self._run_path = f"/runs/{run_id}"
+        self._batches, self._stored = [], 0
         return run_id
 
     def append(self, bodies: list[bytes]) -> bool:
+        batches = _request_batches(bodies)
+        if batches != self._batches:  # new events, not a retry
+            self._batches, self._stored = batches, 0
         cancel = False
-        for batch in _request_batches(bodies):
-            answer = self._request(f"{self._run_path}/events", b"[" + b",".join(batch) + b"]")
+        while self._stored < len(batches):
+            batch = batches[self._stored]
+            path = f"{self._run_path}/events"
+            if batch and self._head is not None:
+                path += f"?expectedHead={self._head}"
+            answer = self._request(path, b"[" + b",".join(batch) + b"]")
+            head = answer.get("head")
+            if isinstance(head, int):
+                self._head = head
+            self._stored += 1
             cancel = cancel or bool(answer.get("cancelRequested"))
+        self._batches, self._stored = [], 0
         return cancel
 
     def renew(self) -> bool:
