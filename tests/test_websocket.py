@@ -194,15 +194,16 @@ async def test_cancel_closes_open_segments_and_finishes_cancelled(start_server) 
     await writer.close()
 
 
+async def _counter(server: ServerProcess, name: str) -> float:
+    """One of the server's counters, from ``/metrics``."""
+    _, metrics = await ahttp("GET", f"{server.url}/metrics")
+    line = next(line for line in metrics.splitlines() if line.startswith(f"{name} "))
+    return float(line.split()[1])
+
+
 async def _catch_ups(server: ServerProcess) -> float:
     """The server's count of viewers switched from the live tail to the log."""
-    _, metrics = await ahttp("GET", f"{server.url}/metrics")
-    line = next(
-        line
-        for line in metrics.splitlines()
-        if line.startswith("costream_slow_viewer_catchups_total ")
-    )
-    return float(line.split()[1])
+    return await _counter(server, "costream_slow_viewer_catchups_total")
 
 
 async def test_stalled_viewer_delays_no_one_and_catches_up(start_server) -> None:  # type: ignore[no-untyped-def]
@@ -349,7 +350,11 @@ async def test_viewer_not_reading_is_closed_4008_after_the_send_timeout(start_se
             assert (await writer.until_run_ends())["type"] == "RUN_FINISHED"
             if await _catch_ups(busy) >= 1:
                 break
-        await asyncio.sleep(2.5)  # past the send timeout, with the viewer's sends stuck
+        # The send timeout fires while the viewer's sends are stuck; then it may read again
+        # and take the close frame.
+        async with asyncio.timeout(60):
+            while await _counter(busy, "costream_slow_viewer_closes_total") < 1:
+                await asyncio.sleep(0.05)
         proxy.resume()
         assert await close_code(stalled.ws, timeout=30) == 4008
         await writer.send({"type": "ping"})

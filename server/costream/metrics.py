@@ -107,7 +107,8 @@ class Metrics:
             "Times a viewer's queue overflowed and it was fed from the log instead.",
         )
         self.slow_closes = Counter(
-            "costream_slow_viewer_closes_total", "Viewers closed with 4008 (fell too far behind)."
+            "costream_slow_viewer_closes_total",
+            "Viewers closed with 4008 (fell too far behind, or stopped reading).",
         )
         self.runs_started = Counter("costream_runs_started_total", "Runs started here.")
         self.run_errors = Counter("costream_run_errors_total", "Runs that ended in RUN_ERROR.")

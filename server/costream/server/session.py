@@ -260,6 +260,7 @@ class ViewerSession:
         except TimeoutError:
             if not deadline.expired():
                 raise  # not the send timeout
+            self.services.metrics.slow_closes.inc()
             raise Close(CLOSE_SLOW_CONSUMER, "not reading, reconnect and resume") from None
 
     def _person(self, name: str | None) -> protocol.Person:
