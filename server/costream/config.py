@@ -68,7 +68,17 @@ class Settings:
     max_replies: int = 64
     max_reply_bytes: int = 64 * 1024
     send_buffer_bytes: int = 128 * 1024  # kernel send buffer per socket (SO_SNDBUF)
-    log_retain: int = 10_000
+    log_retain: int = 10_000  # events of finished runs kept per conversation...
+    log_retain_bytes: int = 8 * 1024 * 1024  # ...and at most these bytes of them
+    # One run's logged events: past this the run is ended (runner) or refused 413 (ingest).
+    max_run_bytes: int = 32 * 1024 * 1024
+    # One logged event, encoded; below every client's frame limit (1 MiB). Longer deltas
+    # are split into several events; any other event this large is refused.
+    max_event_bytes: int = 256 * 1024
+    recent_frames_bytes: int = 4 * 1024 * 1024  # the hub's per-conversation frame cache
+    max_history_bytes: int = 1024 * 1024  # the conversation history sent to the LLM
+    # A conversation nobody wrote to or watched for this long is deleted; 0: never.
+    conversation_ttl_s: float = 7 * 24 * 3600.0
     max_steps: int = 10
     max_tool_calls_per_step: int = 16
     max_file_bytes: int = 256 * 1024
@@ -84,6 +94,11 @@ class Settings:
     llm_retries: int = 2
     retry_backoff_s: float = 0.5
     shutdown_grace_s: float = 10.0
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    body_timeout_s: float = 30.0  # and its body within this
+
+    # /metrics on its own listener ("host:port"); None: on the main port.
+    metrics_listen: str | None = None
 
     @property
     def is_demo(self) -> bool:
@@ -143,6 +158,17 @@ class Settings:
             message_rate=_env_float("COSTREAM_MESSAGE_RATE", cls.message_rate),
             send_buffer_bytes=_env_int("COSTREAM_SEND_BUFFER_BYTES", cls.send_buffer_bytes),
             log_retain=_env_int("COSTREAM_LOG_RETAIN", cls.log_retain),
+            log_retain_bytes=_env_int("COSTREAM_LOG_RETAIN_BYTES", cls.log_retain_bytes),
+            max_run_bytes=_env_int("COSTREAM_MAX_RUN_BYTES", cls.max_run_bytes),
+            max_event_bytes=_env_int("COSTREAM_MAX_EVENT_BYTES", cls.max_event_bytes),
+            recent_frames_bytes=_env_int(
+                "COSTREAM_RECENT_FRAMES_BYTES", cls.recent_frames_bytes
+            ),
+            max_history_bytes=_env_int("COSTREAM_MAX_HISTORY_BYTES", cls.max_history_bytes),
+            conversation_ttl_s=_env_float("COSTREAM_CONVERSATION_TTL_S", cls.conversation_ttl_s),
+            header_timeout_s=_env_float("COSTREAM_HEADER_TIMEOUT_S", cls.header_timeout_s),
+            body_timeout_s=_env_float("COSTREAM_BODY_TIMEOUT_S", cls.body_timeout_s),
+            metrics_listen=os.environ.get("COSTREAM_METRICS_LISTEN") or None,
             llm_retries=_env_int("COSTREAM_LLM_RETRIES", cls.llm_retries),
             max_steps=_env_int("COSTREAM_MAX_STEPS", cls.max_steps),
             max_tool_calls_per_step=_env_int(
