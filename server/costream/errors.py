@@ -8,6 +8,7 @@ CostreamError
 ├── NoRun               nothing to cancel (HTTP 409, error no_run)
 ├── LeaseLost           this process no longer holds the run lease (fencing token moved on)
 │   └── AppendConflict  an append's expected head matches neither before nor after its batch
+├── RunTooLarge         a run's logged events would pass Settings.max_run_bytes (HTTP 413)
 ├── StorageUnavailable  the broker's storage did not answer (HTTP 503, close 4000)
 └── DataDirError        the embedded store's data directory cannot be used (exit 2 at start)
 """
@@ -51,6 +52,15 @@ class AppendConflict(LeaseLost):
     def __init__(self, conversation_id: str, head: int, expected_head: int) -> None:
         super().__init__(conversation_id)
         self.head, self.expected_head = head, expected_head
+
+
+class RunTooLarge(CostreamError):
+    """Appending would take the run's logged events past ``max_run_bytes``. Nothing
+    appended; the run's end (``finish_run``) is always accepted."""
+
+    def __init__(self, conversation_id: str, limit: int) -> None:
+        super().__init__(conversation_id)
+        self.limit = limit
 
 
 class StorageUnavailable(CostreamError):
