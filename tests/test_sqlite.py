@@ -10,13 +10,14 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from costream import protocol
 from costream.broker.sqlite import SqliteBroker
 from costream.broker.sqlite_database import DATABASE_NAME, SCHEMA_VERSION
-from costream.errors import DataDirError
+from costream.errors import DataDirError, RunTooLarge
 from tests.support.processes import free_port
 from tests.support.servers import ServerProcess
 from tests.support.ws import create_conversation
@@ -31,6 +32,7 @@ from tests.test_broker import (
     snapshot_body,
     start,
 )
+from tests.test_retention import large_delta
 
 OpenSqlite = Callable[..., Awaitable[SqliteBroker]]
 
@@ -40,8 +42,10 @@ async def opened(tmp_path: Path) -> AsyncIterator[OpenSqlite]:
     """A factory of started SqliteBrokers on ``tmp_path/data``; all closed after the test."""
     brokers: list[SqliteBroker] = []
 
-    async def open_(log_retain: int = 10_000, listener: Listener | None = None) -> SqliteBroker:
-        broker = SqliteBroker(tmp_path / "data", log_retain=log_retain)
+    async def open_(
+        log_retain: int = 10_000, listener: Listener | None = None, **limits: Any
+    ) -> SqliteBroker:
+        broker = SqliteBroker(tmp_path / "data", log_retain=log_retain, **limits)
         listener = listener or Listener()
         await broker.start(listener.on_frame, listener.on_resync)
         brokers.append(broker)
@@ -113,8 +117,8 @@ async def test_a_run_open_at_close_is_interrupted_and_can_be_taken_over(opened: 
 
 
 async def test_frames_reach_viewers_only_once_committed_to_the_file(
-    opened,
-    tmp_path: Path,  # type: ignore[no-untyped-def]
+    opened: OpenSqlite,
+    tmp_path: Path,
 ) -> None:
     """When a frame is published, another connection already reads it from the file: a
     viewer never sees what a killed process would lose."""
@@ -159,9 +163,58 @@ async def test_an_idle_conversation_leaves_memory_and_comes_back_the_same(
     assert await broker.get_record(watched) is not None
 
 
+async def test_byte_retention_and_the_run_budget_hold_across_a_reopen(opened: OpenSqlite) -> None:
+    """The bytes of finished runs and of the open run are counted again from the file: a
+    reopened broker still trims to log_retain_bytes and still refuses a run past
+    max_run_bytes."""
+    kib = 1024
+    broker = await opened(log_retain_bytes=64 * kib, max_run_bytes=50 * kib)
+    conversation_id = await new_conversation(broker)
+    lease = await start(broker, conversation_id)
+    await broker.append(lease, [large_delta(n, 15 * kib) for n in range(3)])  # 2..4
+    await broker.finish_run(lease, [run_finished(conversation_id)], snapshot_body())  # 5
+    assert seqs(await broker.read_log(conversation_id, 0, 100)) == [1, 2, 3, 4, 5]
+    await broker.close()
+
+    reopened = await opened(log_retain_bytes=64 * kib, max_run_bytes=50 * kib)
+    lease = await reopened.start_run(conversation_id, "run-2", run_started(conversation_id), 1000)
+    await reopened.append(lease, [large_delta(n, 15 * kib) for n in range(3)])  # 7..9
+    await reopened.close()  # the run left open
+
+    last = await opened(log_retain_bytes=64 * kib, max_run_bytes=50 * kib)
+    taken = await last.take_over_run(conversation_id, LONG_TTL_MS)
+    assert taken is not None
+    with pytest.raises(RunTooLarge):
+        await last.append(taken, [large_delta(9, 15 * kib)])
+    await last.finish_run(taken, [run_finished(conversation_id)], snapshot_body())  # 10
+    frames = await last.read_log(conversation_id, 0, 100)
+    assert sum(map(len, frames)) <= 64 * kib and seqs(frames)[-1] == 10
+    assert seqs(frames)[0] > 1  # the first run's oldest events are gone
+
+
+async def test_a_version_1_database_is_upgraded_and_its_conversations_kept(
+    opened: OpenSqlite, tmp_path: Path
+) -> None:
+    """A data directory of schema 1 (no last_active) opens: its conversations count as
+    active from the upgrade, so a TTL longer than the time since keeps them."""
+    broker = await opened()
+    conversation_id = await new_conversation(broker)
+    await broker.close()
+    database = tmp_path / "data" / DATABASE_NAME
+    with sqlite3.connect(database) as old:
+        old.execute("DROP INDEX conversations_by_activity")
+        old.execute("ALTER TABLE conversations DROP COLUMN last_active")
+        old.execute("PRAGMA user_version = 1")
+    upgraded = await opened(conversation_ttl_s=3600)
+    assert await upgraded.expire_idle(100) == 0
+    assert await upgraded.get_record(conversation_id) is not None
+    with sqlite3.connect(database) as reader:
+        assert reader.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
 async def test_a_second_process_on_the_directory_is_refused_pointing_to_redis(
-    opened,
-    tmp_path: Path,  # type: ignore[no-untyped-def]
+    opened: OpenSqlite,
+    tmp_path: Path,
 ) -> None:
     """The data directory's lock refuses a second owner with a message naming the
     directory and --redis-url; once the first closes, the directory opens again."""

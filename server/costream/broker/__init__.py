@@ -20,8 +20,23 @@ and publishes the same bytes, in one atomic step. So:
 - The live tail is at most once: a frame may be lost on the pub/sub path (a broken
   connection), never reordered. Consumers fill holes from the log; after the subscription
   is re-established the broker calls ``on_resync`` so they check the log at once.
-- The log keeps at least the last ``log_retain`` events and every event after the latest
-  snapshot (``finish_run``), so a late joiner can always rebuild: snapshot, then the log.
+- The log keeps every event after the latest snapshot (``finish_run``), so a late joiner
+  can always rebuild: snapshot, then the log. Of the events at or before the snapshot
+  (finished runs) it keeps at most ``log_retain`` events *and* at most ``log_retain_bytes``
+  bytes of frames, the newest ones: the oldest go first.
+- A run's logged frames, from its ``RUN_STARTED`` on, total at most ``max_run_bytes``
+  (0: no limit): an ``append`` that would pass it raises ``RunTooLarge`` and stores none
+  of its batch, in the same atomic step. ``finish_run`` is always accepted, so a producer
+  refused can still end its run (``RUN_ERROR``). So a conversation's log holds at most
+  ``log_retain_bytes + max_run_bytes`` bytes, plus one ``finish_run`` batch.
+- A conversation idle for ``conversation_ttl_s`` seconds (0: never) is deleted whole
+  (record, log, snapshot, maps, lists, presence, run): idle means no append, no write to
+  its record, maps or lists, no lease renewal and nobody present (``presence_join`` /
+  ``presence_refresh``). Afterwards it reads as unknown (``get_record`` is None). Redis
+  gives every key of a conversation a TTL, pushed back by each of these in the same
+  script as the write; the embedded brokers keep a last-active time and delete in
+  :meth:`Broker.expire_idle`, which the server's maintenance calls; a conversation with a
+  run or with viewers in this process is never deleted there.
 """
 
 from __future__ import annotations
@@ -33,6 +48,9 @@ from dataclasses import dataclass
 from costream.errors import AppendConflict
 
 __all__ = [
+    "LOG_RETAIN",
+    "LOG_RETAIN_BYTES",
+    "MAX_RUN_BYTES",
     "ActiveRun",
     "AppendConflict",
     "Broker",
@@ -42,6 +60,11 @@ __all__ = [
     "RunLease",
     "check_expected_head",
 ]
+
+# The defaults of a broker built directly (the server passes its Settings of these names).
+LOG_RETAIN = 10_000
+LOG_RETAIN_BYTES = 8 * 1024 * 1024
+MAX_RUN_BYTES = 32 * 1024 * 1024
 
 FrameListener = Callable[[str, bytes], None]
 """Called with (conversation id, frame) for each published frame, in publication order.
@@ -109,6 +132,12 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> bool:
         """Whether the storage answers now (``/readyz``)."""
+
+    async def expire_idle(self, limit: int) -> int:
+        """Delete up to ``limit`` conversations idle past ``conversation_ttl_s`` (the
+        oldest first) and return how many; bounded work, called again and again. Redis
+        expires keys by itself: nothing to do there."""
+        return 0
 
     # ---- conversation records --------------------------------------------------------
     @abc.abstractmethod

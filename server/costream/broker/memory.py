@@ -3,6 +3,12 @@
 Everything is plain Python state on the event loop, so each method is atomic by
 construction (no await inside a state change). ``on_frame`` is called synchronously
 right after a frame is stored, in append order.
+
+Each conversation counts the bytes of its retained frames, those of finished runs
+(``finished_bytes``, trimmed to ``log_retain_bytes``) and those after the snapshot
+(``tail_bytes``); its run counts its own (``RunState.bytes``, capped by ``max_run_bytes``).
+``_activity`` orders conversations by their last activity, oldest first, so
+:meth:`MemoryBroker.expire_idle` looks at the idle ones only.
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from costream import protocol
 from costream.broker import (
+    LOG_RETAIN,
+    LOG_RETAIN_BYTES,
+    MAX_RUN_BYTES,
     ActiveRun,
     Broker,
     FrameListener,
@@ -24,7 +33,7 @@ from costream.broker import (
     RunLease,
     check_expected_head,
 )
-from costream.errors import LeaseLost, RunActive, StorageUnavailable
+from costream.errors import LeaseLost, RunActive, RunTooLarge, StorageUnavailable
 from costream.protocol import PRESENCE_MAX_PEOPLE
 
 
@@ -41,6 +50,7 @@ class RunState:
     start_seq: int
     lease_expires_ms: float
     cancel: bool = False
+    bytes: int = 0  # of its logged frames, RUN_STARTED included
 
 
 @dataclass
@@ -51,6 +61,8 @@ class ConversationState:
     epoch: str
     head: int = 0
     log: deque[tuple[int, bytes]] = field(default_factory=deque)
+    finished_bytes: int = 0  # retained frames at or before snapshot_seq
+    tail_bytes: int = 0  # frames after snapshot_seq
     snapshot: bytes | None = None
     snapshot_seq: int = 0
     fence: int = 0
@@ -65,9 +77,21 @@ class ConversationState:
 class MemoryBroker(Broker):
     """All conversations in this process's memory; lost when it exits."""
 
-    def __init__(self, log_retain: int = 10_000) -> None:
+    def __init__(
+        self,
+        log_retain: int = LOG_RETAIN,
+        *,
+        log_retain_bytes: int = LOG_RETAIN_BYTES,
+        max_run_bytes: int = MAX_RUN_BYTES,
+        conversation_ttl_s: float = 0.0,
+    ) -> None:
         self.log_retain = log_retain
+        self.log_retain_bytes = log_retain_bytes
+        self.max_run_bytes = max_run_bytes
+        self.conversation_ttl_s = conversation_ttl_s
         self._conversations: dict[str, ConversationState] = {}
+        # conversation id -> last activity (time.time()), least recently active first
+        self._activity: OrderedDict[str, float] = OrderedDict()
         self._subscribed: set[str] = set()
         self._on_frame: FrameListener | None = None
         self._closed = False
@@ -81,6 +105,41 @@ class MemoryBroker(Broker):
 
     async def ping(self) -> bool:
         return not self._closed
+
+    def _touch(self, conversation_id: str) -> None:
+        """Count activity: an idle conversation expires ``conversation_ttl_s`` after it."""
+        self._activity[conversation_id] = time.time()
+        self._activity.move_to_end(conversation_id)
+
+    def _busy(self, conversation_id: str, conversation: ConversationState) -> bool:
+        """Whether the conversation has a run or someone watching in this process."""
+        now = _now_ms()
+        return (
+            conversation.run is not None
+            or conversation_id in self._subscribed
+            or any(expires >= now for expires in conversation.presence.values())
+        )
+
+    async def expire_idle(self, limit: int) -> int:
+        if self.conversation_ttl_s <= 0 or self._closed:
+            return 0
+        deadline = time.time() - self.conversation_ttl_s
+        idle = list(
+            itertools.islice(
+                itertools.takewhile(lambda item: item[1] <= deadline, self._activity.items()),
+                limit,
+            )
+        )
+        expired = 0
+        for conversation_id, _ in idle:
+            conversation = self._conversations.get(conversation_id)
+            if conversation is not None and self._busy(conversation_id, conversation):
+                self._touch(conversation_id)  # watched or running: that is activity
+                continue
+            self._conversations.pop(conversation_id, None)
+            del self._activity[conversation_id]
+            expired += conversation is not None
+        return expired
 
     def _get(self, conversation_id: str) -> ConversationState:
         if self._closed:
@@ -97,6 +156,7 @@ class MemoryBroker(Broker):
         self._conversations[conversation_id] = ConversationState(
             record={**record, "epoch": epoch.encode()}, epoch=epoch
         )
+        self._touch(conversation_id)
         return epoch
 
     async def get_record(self, conversation_id: str) -> dict[str, bytes] | None:
@@ -107,11 +167,13 @@ class MemoryBroker(Broker):
 
     async def update_record(self, conversation_id: str, fields: dict[str, bytes]) -> None:
         self._get(conversation_id).record.update(fields)
+        self._touch(conversation_id)
 
     async def add_to_record(self, conversation_id: str, field: str, amount: float) -> float:
         record = self._get(conversation_id).record
         value = float(record.get(field, b"0")) + amount
         record[field] = repr(value).encode()
+        self._touch(conversation_id)
         return value
 
     # ---- maps and lists ----------------------------------------------------------------
@@ -120,15 +182,19 @@ class MemoryBroker(Broker):
 
     async def map_set(self, conversation_id: str, name: str, key: str, value: bytes) -> None:
         self._get(conversation_id).maps.setdefault(name, {})[key] = value
+        self._touch(conversation_id)
 
     async def map_delete(self, conversation_id: str, name: str, key: str) -> bool:
-        return self._get(conversation_id).maps.get(name, {}).pop(key, None) is not None
+        removed = self._get(conversation_id).maps.get(name, {}).pop(key, None)
+        self._touch(conversation_id)
+        return removed is not None
 
     async def map_all(self, conversation_id: str, name: str) -> dict[str, bytes]:
         return dict(self._get(conversation_id).maps.get(name, {}))
 
     async def list_append(self, conversation_id: str, name: str, items: Sequence[bytes]) -> None:
         self._get(conversation_id).lists.setdefault(name, []).extend(items)
+        self._touch(conversation_id)
 
     async def list_all(self, conversation_id: str, name: str) -> list[bytes]:
         return list(self._get(conversation_id).lists.get(name, []))
@@ -154,21 +220,30 @@ class MemoryBroker(Broker):
     async def read_snapshot(self, conversation_id: str) -> bytes | None:
         return self._get(conversation_id).snapshot
 
-    def _append(self, conversation_id: str, conversation: ConversationState, body: bytes) -> int:
+    def _append(self, conversation_id: str, conversation: ConversationState, frame: bytes) -> int:
+        """Store and publish a frame made for seq ``head + 1``."""
         conversation.head += 1
         seq = conversation.head
-        frame = protocol.with_seq(body, seq)
         conversation.log.append((seq, frame))
+        conversation.tail_bytes += len(frame)
+        if conversation.run is not None:
+            conversation.run.bytes += len(frame)
         if self._on_frame is not None and conversation_id in self._subscribed:
             self._on_frame(conversation_id, frame)
         return seq
 
     def _trim(self, conversation: ConversationState) -> None:
-        # Keep the last log_retain events and everything after the latest snapshot.
-        keep_from = min(conversation.head - self.log_retain + 1, conversation.snapshot_seq + 1)
+        # Keep everything after the latest snapshot; of the rest (finished runs), the
+        # newest events within log_retain of the head and within log_retain_bytes.
+        snapshot_seq = conversation.snapshot_seq
+        keep_from = min(conversation.head - self.log_retain + 1, snapshot_seq + 1)
         log = conversation.log
-        while log and log[0][0] < keep_from:
-            log.popleft()
+        while (
+            log
+            and log[0][0] <= snapshot_seq
+            and (log[0][0] < keep_from or conversation.finished_bytes > self.log_retain_bytes)
+        ):
+            conversation.finished_bytes -= len(log.popleft()[1])
 
     def _check_lease(self, lease: RunLease) -> ConversationState:
         conversation = self._get(lease.conversation_id)
@@ -187,8 +262,9 @@ class MemoryBroker(Broker):
         conversation.fence += 1
         seq = conversation.head + 1
         conversation.run = RunState(run_id, conversation.fence, seq, _now_ms() + ttl_ms)
-        self._append(conversation_id, conversation, body)
+        self._append(conversation_id, conversation, protocol.with_seq(body, seq))
         self._trim(conversation)
+        self._touch(conversation_id)
         return RunLease(conversation_id, run_id, conversation.fence)
 
     async def append(
@@ -199,9 +275,16 @@ class MemoryBroker(Broker):
             lease.conversation_id, conversation.head, expected_head, len(bodies)
         ):
             return conversation.head
-        for body in bodies:
-            self._append(lease.conversation_id, conversation, body)
+        head = conversation.head
+        frames = [protocol.with_seq(body, head + n) for n, body in enumerate(bodies, 1)]
+        run = conversation.run
+        assert run is not None  # the lease holds
+        if self.max_run_bytes > 0 and run.bytes + sum(map(len, frames)) > self.max_run_bytes:
+            raise RunTooLarge(lease.conversation_id, self.max_run_bytes)
+        for frame in frames:
+            self._append(lease.conversation_id, conversation, frame)
         self._trim(conversation)
+        self._touch(lease.conversation_id)
         return conversation.head
 
     async def finish_run(
@@ -209,18 +292,23 @@ class MemoryBroker(Broker):
     ) -> int:
         conversation = self._check_lease(lease)
         for body in bodies:
-            self._append(lease.conversation_id, conversation, body)
+            frame = protocol.with_seq(body, conversation.head + 1)
+            self._append(lease.conversation_id, conversation, frame)
         conversation.run = None
         if snapshot is not None:
             conversation.snapshot = protocol.with_seq(snapshot, conversation.head)
             conversation.snapshot_seq = conversation.head
+            conversation.finished_bytes += conversation.tail_bytes
+            conversation.tail_bytes = 0
         self._trim(conversation)
+        self._touch(lease.conversation_id)
         return conversation.head
 
     async def renew_lease(self, lease: RunLease, ttl_ms: int) -> bool:
         conversation = self._check_lease(lease)
         assert conversation.run is not None
         conversation.run.lease_expires_ms = _now_ms() + ttl_ms
+        self._touch(lease.conversation_id)
         return conversation.run.cancel
 
     async def request_cancel(self, conversation_id: str) -> str | None:
@@ -244,6 +332,7 @@ class MemoryBroker(Broker):
         conversation.fence += 1
         run.fence = conversation.fence
         run.lease_expires_ms = _now_ms() + ttl_ms
+        self._touch(conversation_id)
         return RunLease(conversation_id, run.run_id, run.fence)
 
     # ---- live tail -------------------------------------------------------------------
@@ -268,6 +357,7 @@ class MemoryBroker(Broker):
         conversation.presence[viewer_id] = _now_ms() + ttl_ms
         if person is not None:
             conversation.people.setdefault(viewer_id, person)
+        self._touch(conversation_id)
         return self._publish_presence(conversation_id, conversation)
 
     async def presence_people(self, conversation_id: str) -> list[bytes]:
@@ -278,6 +368,7 @@ class MemoryBroker(Broker):
         conversation = self._get(conversation_id)
         conversation.presence.pop(viewer_id, None)
         conversation.people.pop(viewer_id, None)
+        self._touch(conversation_id)  # watched until now
         return self._publish_presence(conversation_id, conversation)
 
     async def presence_refresh(
@@ -289,6 +380,8 @@ class MemoryBroker(Broker):
         before = len(presence)
         for viewer_id in viewer_ids:
             presence[viewer_id] = now + ttl_ms
+        if viewer_ids:
+            self._touch(conversation_id)
         for viewer_id in [v for v, expires in presence.items() if expires < now]:
             del presence[viewer_id]
             conversation.people.pop(viewer_id, None)

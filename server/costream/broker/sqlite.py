@@ -15,6 +15,10 @@ reads as expired, so the normal reap path ends it (:meth:`interrupted_runs` list
 
 Conversations are loaded on first use and dropped from memory once idle, so memory follows
 the conversations in use, not the number on disk.
+
+Each write stores the time of the last activity (``last_active``; presence is written
+back by the sweep and the eviction): :meth:`SqliteBroker.expire_idle` deletes a page of
+conversations idle past ``conversation_ttl_s`` with no run, viewer or write in flight.
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from costream import protocol
-from costream.broker import ActiveRun, FrameListener, LogState, ResyncListener, RunLease
+from costream.broker import (
+    LOG_RETAIN,
+    LOG_RETAIN_BYTES,
+    MAX_RUN_BYTES,
+    ActiveRun,
+    FrameListener,
+    LogState,
+    ResyncListener,
+    RunLease,
+)
 from costream.broker import sqlite_database as db
 from costream.broker.memory import ConversationState, MemoryBroker, RunState
 from costream.errors import StorageUnavailable
@@ -41,8 +54,22 @@ _EVICT_EVERY_S = 30.0
 class SqliteBroker(MemoryBroker):
     """Conversations in ``data_dir/costream.db``; they survive the process."""
 
-    def __init__(self, data_dir: Path, log_retain: int = 10_000, idle_s: float = 300.0) -> None:
-        super().__init__(log_retain)
+    def __init__(
+        self,
+        data_dir: Path,
+        log_retain: int = LOG_RETAIN,
+        idle_s: float = 300.0,
+        *,
+        log_retain_bytes: int = LOG_RETAIN_BYTES,
+        max_run_bytes: int = MAX_RUN_BYTES,
+        conversation_ttl_s: float = 0.0,
+    ) -> None:
+        super().__init__(
+            log_retain,
+            log_retain_bytes=log_retain_bytes,
+            max_run_bytes=max_run_bytes,
+            conversation_ttl_s=conversation_ttl_s,
+        )
         self.database = db.Database(data_dir)
         self.idle_s = idle_s  # a conversation unused this long leaves memory
         self._deliver: FrameListener | None = None
@@ -129,6 +156,8 @@ class SqliteBroker(MemoryBroker):
         head = self._conversations[conversation_id].head
         self._handed[conversation_id] = head
         committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        active = self._activity.get(conversation_id, time.time())
+        statements = [*statements, db.set_last_active([(conversation_id, active)])]
 
         def done(result: Any) -> None:
             if isinstance(result, BaseException):
@@ -188,11 +217,53 @@ class SqliteBroker(MemoryBroker):
             and conversation_id not in self._subscribed
             and self._committed.get(conversation_id) == self._handed.get(conversation_id)
         ]
+        # Presence is not written as it happens: keep its activity in the file now.
+        active = [(c, self._activity[c]) for c in idle if c in self._activity]
+        if active:
+            self.database.submit(db.execute([db.set_last_active(active)]), _ignore)
         for conversation_id in idle:
-            del self._conversations[conversation_id]
-            for index in (self._committed, self._handed, self._last_used):
-                index.pop(conversation_id, None)
+            self._forget(conversation_id)
         return len(idle)
+
+    async def expire_idle(self, limit: int) -> int:
+        if self.conversation_ttl_s <= 0 or self._closed or self.database.failed:
+            return 0
+        deadline = time.time() - self.conversation_ttl_s
+        found: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.database.submit(
+            db.idle_conversations(deadline, limit),
+            lambda result: None if found.done() else found.set_result(result),
+        )
+        if isinstance(candidates := await found, BaseException):
+            raise candidates
+        # Decided and submitted in one step: a load or a write submitted after the delete
+        # finds nothing; one in flight (loading, uncommitted) keeps the conversation.
+        expired: list[str] = []
+        active: list[tuple[str, float]] = []
+        for conversation_id in candidates:
+            conversation = self._conversations.get(conversation_id)
+            if conversation is None and conversation_id not in self._loading:
+                expired.append(conversation_id)
+            elif conversation is not None:
+                if self._busy(conversation_id, conversation) or (
+                    self._committed[conversation_id] != self._handed[conversation_id]
+                ):
+                    self._touch(conversation_id)
+                if self._activity.get(conversation_id, 0.0) > deadline:
+                    active.append((conversation_id, self._activity[conversation_id]))
+                else:
+                    expired.append(conversation_id)
+                    self._forget(conversation_id)
+        statements = db.delete_conversations(expired) + [db.set_last_active(active)] * bool(active)
+        if statements:
+            self.database.submit(db.execute(statements), _ignore)
+        return len(expired)
+
+    def _forget(self, conversation_id: str) -> None:
+        """Drop a conversation from memory (the file keeps it, unless deleted)."""
+        self._conversations.pop(conversation_id, None)
+        for index in (self._committed, self._handed, self._last_used, self._activity):
+            index.pop(conversation_id, None)
 
     # ---- records ---------------------------------------------------------------------
     async def create_conversation(self, conversation_id: str, record: dict[str, bytes]) -> str:
@@ -350,12 +421,21 @@ class SqliteBroker(MemoryBroker):
         return await super().presence_refresh(conversation_id, viewer_ids, ttl_ms)
 
 
+def _ignore(result: Any) -> None:
+    """A write nobody waits for (a failure is logged by the writer and fails what follows)."""
+
+
 def _from_stored(stored: db.StoredConversation) -> ConversationState:
     run = None
     if stored.run is not None:
         # Loaded from the file, a run belongs to a process that is gone: its lease is over.
         run = RunState(stored.run.run_id, stored.run.fence, stored.run.start_seq, float("-inf"))
+        run.bytes = sum(len(frame) for seq, frame in stored.log if seq >= run.start_seq)
+    finished = sum(len(frame) for seq, frame in stored.log if seq <= stored.snapshot_seq)
+    tail = sum(len(frame) for seq, frame in stored.log if seq > stored.snapshot_seq)
     return ConversationState(
+        finished_bytes=finished,
+        tail_bytes=tail,
         record=stored.record,
         epoch=stored.epoch,
         head=stored.head,

@@ -24,6 +24,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 DATABASE_NAME = "costream.db"
 LOCK_NAME = "costream.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: conversations.last_active
 _MAX_BATCH = 1000  # jobs per transaction: bounds the time a commit keeps results waiting
 
 _SCHEMA = """
@@ -48,8 +49,10 @@ CREATE TABLE conversations (
     snapshot_seq INTEGER NOT NULL,
     run_id TEXT,
     run_fence INTEGER,
-    run_start_seq INTEGER
+    run_start_seq INTEGER,
+    last_active REAL NOT NULL DEFAULT 0
 );
+CREATE INDEX conversations_by_activity ON conversations (last_active);
 CREATE TABLE records (
     conversation_id TEXT NOT NULL,
     field TEXT NOT NULL,
@@ -77,6 +80,10 @@ CREATE TABLE lists (
 );
 CREATE INDEX lists_in_order ON lists (conversation_id, name, position);
 """
+# Version 1 had no last_active: its conversations count as active at the upgrade.
+_FROM_VERSION_1 = """ALTER TABLE conversations ADD COLUMN last_active REAL NOT NULL DEFAULT 0;
+UPDATE conversations SET last_active = {now!r};
+CREATE INDEX conversations_by_activity ON conversations (last_active);"""
 
 Statement = tuple[str, Sequence[Sequence[Any]]]
 """SQL and its rows of parameters (``executemany``)."""
@@ -202,6 +209,9 @@ class Database:
                 connection.executescript(
                     f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 )
+            elif version == 1:
+                steps = _FROM_VERSION_1.format(now=time.time())
+                connection.executescript(f"BEGIN; {steps} PRAGMA user_version = 2; COMMIT;")
         except BaseException:
             connection.close()
             raise
@@ -306,6 +316,34 @@ def insert_conversation(conversation_id: str, epoch: str) -> Statement:
         "INSERT INTO conversations (id, epoch, head, fence, snapshot_seq) VALUES (?, ?, 0, 0, 0)",
         [(conversation_id, epoch)],
     )
+
+
+def set_last_active(active: Sequence[tuple[str, float]]) -> Statement:
+    """(conversation id, time.time() of its last activity) for each."""
+    return (
+        "UPDATE conversations SET last_active = ? WHERE id = ?",
+        [(at, conversation_id) for conversation_id, at in active],
+    )
+
+
+def delete_conversations(ids: Sequence[str]) -> list[Statement]:
+    """Everything the file holds of these conversations."""
+    if not ids:
+        return []
+    rows: list[tuple[str]] = [(conversation_id,) for conversation_id in ids]
+    tables = ("records", "log", "maps", "lists")
+    statements: list[Statement] = [("DELETE FROM conversations WHERE id = ?", rows)]
+    return statements + [
+        (f"DELETE FROM {table} WHERE conversation_id = ?", rows) for table in tables
+    ]
+
+
+def idle_conversations(before: float, limit: int) -> Job:
+    """A job that lists up to ``limit`` conversations with no run, last active before
+    ``before``, the least recently active first."""
+    sql = "SELECT id FROM conversations WHERE last_active < ? AND run_id IS NULL "
+    sql += "ORDER BY last_active LIMIT ?"
+    return lambda connection: [row[0] for row in connection.execute(sql, (before, limit))]
 
 
 def set_fields(conversation_id: str, fields: dict[str, bytes]) -> Statement:

@@ -33,6 +33,9 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT
 
 from costream.broker import (
+    LOG_RETAIN,
+    LOG_RETAIN_BYTES,
+    MAX_RUN_BYTES,
     ActiveRun,
     AppendConflict,
     Broker,
@@ -44,13 +47,12 @@ from costream.broker import (
 from costream.broker.redis import scripts
 from costream.broker.redis.endpoint import Endpoint, secrets_of
 from costream.broker.redis.live import UNAVAILABLE, LiveTail
-from costream.errors import LeaseLost, RunActive, StorageUnavailable
+from costream.errors import LeaseLost, RunActive, RunTooLarge, StorageUnavailable
 
 _COMMAND_TIMEOUT_S: Final = 5.0
 _CONNECT_TIMEOUT_S: Final = 3.0
 
-_LOG_STATE_FIELDS: Final = ("head", "fence", "snapshot_seq")  # in meta, not in the record
-_PRESENCE_PARTS: Final = ("presence", "people", "names")  # the KEYS of the presence script
+_PRESENCE_PARTS: Final = ("presence", "people", "names", "meta")  # the presence script's KEYS
 
 
 # Replies as they come with decode_responses=False (redis-py types them as bytes | str).
@@ -64,8 +66,20 @@ def _seq_of_entry_id(entry_id: bytes) -> int:
 class RedisBroker(Broker):
     """Conversations in Redis (one server or a cluster), shared by every process connected to it."""
 
-    def __init__(self, url: str, log_retain: int = 10_000) -> None:
+    def __init__(
+        self,
+        url: str,
+        log_retain: int = LOG_RETAIN,
+        *,
+        log_retain_bytes: int = LOG_RETAIN_BYTES,
+        max_run_bytes: int = MAX_RUN_BYTES,
+        conversation_ttl_s: float = 0.0,
+    ) -> None:
         self.log_retain = log_retain
+        self.log_retain_bytes = log_retain_bytes
+        self.max_run_bytes = max_run_bytes
+        # Given to the conversations this broker creates; each keeps its own (scripts).
+        self.conversation_ttl_ms = round(conversation_ttl_s * 1000)
         self._endpoint = Endpoint.parse(url)
         self._where = self._endpoint.where
         self._secrets = secrets_of(url)
@@ -163,13 +177,17 @@ class RedisBroker(Broker):
                 "head": b"0",
                 "fence": b"0",
                 "snapshot_seq": b"0",
+                "ttl_ms": str(self.conversation_ttl_ms).encode(),
             }
         )
+        meta = scripts.key(conversation_id, "meta")
         with self._storage():
             async with self._redis.pipeline(transaction=True) as pipe:
                 # A new log: nothing of an earlier incarnation may survive.
                 pipe.delete(*(scripts.key(conversation_id, part) for part in scripts.LOG_PARTS))
-                pipe.hset(scripts.key(conversation_id, "meta"), mapping=fields)
+                pipe.hset(meta, mapping=fields)
+                if self.conversation_ttl_ms > 0:
+                    pipe.pexpire(meta, self.conversation_ttl_ms)
                 await pipe.execute()
         return epoch
 
@@ -179,7 +197,7 @@ class RedisBroker(Broker):
         if not raw:
             return None
         record = {key.decode(): value for key, value in raw.items()}
-        for name in _LOG_STATE_FIELDS:
+        for name in scripts.META_FIELDS:
             record.pop(name, None)
         return record
 
@@ -204,19 +222,29 @@ class RedisBroker(Broker):
         return float(value)
 
     # ---- maps and lists ----------------------------------------------------------------
+    async def _collection(
+        self, conversation_id: str, part: str, op: str, *args: bytes | str
+    ) -> int:
+        """Write a map or list in the script that keeps the conversation's keys alive."""
+        if not part.isprintable() or " " in part:
+            raise ValueError(f"a map or list name is one word: {part!r}")
+        keys = [scripts.key(conversation_id, "meta"), scripts.key(conversation_id, part)]
+        with self._storage():
+            answer = int(await self._scripts.collection(keys=keys, args=[part, op, *args]))
+        if answer == scripts.VANISHED:
+            raise StorageUnavailable("conversation vanished")
+        return answer
+
     async def map_get(self, conversation_id: str, name: str, key: str) -> bytes | None:
         with self._storage():
             value = await self._redis.hget(scripts.key(conversation_id, f"map:{name}"), key)
         return cast(bytes | None, value)
 
     async def map_set(self, conversation_id: str, name: str, key: str, value: bytes) -> None:
-        with self._storage():
-            await self._redis.hset(scripts.key(conversation_id, f"map:{name}"), key, value)
+        await self._collection(conversation_id, f"map:{name}", "set", key, value)
 
     async def map_delete(self, conversation_id: str, name: str, key: str) -> bool:
-        with self._storage():
-            removed = await self._redis.hdel(scripts.key(conversation_id, f"map:{name}"), key)
-        return bool(removed)
+        return bool(await self._collection(conversation_id, f"map:{name}", "delete", key))
 
     async def map_all(self, conversation_id: str, name: str) -> dict[str, bytes]:
         with self._storage():
@@ -226,10 +254,8 @@ class RedisBroker(Broker):
         return {key.decode(): value for key, value in raw.items()}
 
     async def list_append(self, conversation_id: str, name: str, items: Sequence[bytes]) -> None:
-        if not items:
-            return
-        with self._storage():
-            await self._redis.rpush(scripts.key(conversation_id, f"list:{name}"), *items)
+        if items:
+            await self._collection(conversation_id, f"list:{name}", "push", *items)
 
     async def list_all(self, conversation_id: str, name: str) -> list[bytes]:
         with self._storage():
@@ -271,7 +297,14 @@ class RedisBroker(Broker):
         keys = [scripts.key(conversation_id, part) for part in scripts.RUN_PARTS]
         with self._storage():
             return await script(
-                keys=keys, args=[scripts.channel(conversation_id), self.log_retain, *args]
+                keys=keys,
+                args=[
+                    scripts.channel(conversation_id),
+                    self.log_retain,
+                    self.log_retain_bytes,
+                    self.max_run_bytes,
+                    *args,
+                ],
             )
 
     async def start_run(
@@ -298,6 +331,8 @@ class RedisBroker(Broker):
         )
         if seq == scripts.LEASE_LOST:
             raise LeaseLost(conversation_id)
+        if seq == scripts.TOO_LARGE:
+            raise RunTooLarge(conversation_id, self.max_run_bytes)
         if seq == scripts.CONFLICT:
             # The script does not return the head on a conflict; read it for the message.
             state = await self.log_state(conversation_id)
