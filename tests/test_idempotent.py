@@ -141,3 +141,50 @@ async def test_the_events_endpoint_answers_a_repeated_batch_with_the_head_and_a_
         "TEXT_MESSAGE_CONTENT",
         "TEXT_MESSAGE_END",
     ]
+
+
+async def test_a_finish_sent_again_is_answered_200_already_ended_and_ends_the_run_once(
+    start_server: StartServer,
+) -> None:
+    """finish sent again after its answer was lost: 200 with the same runId and head and
+    ``alreadyEnded: true``; the log holds one RUN_FINISHED."""
+    server = start_server()
+    conversation = await create_conversation(server.url)
+    token = conversation["writeToken"]
+    runs = f"{server.url}/api/conversations/{conversation['id']}/runs"
+    status, started = await ahttp("POST", runs, body={"input": "hi"}, token=token)
+    assert status == 201
+    finish = f"{runs}/{started['runId']}/finish"
+    status, first = await ahttp("POST", finish, body={"outcome": "success"}, token=token)
+    assert status == 200 and "alreadyEnded" not in first, first
+    status, again = await ahttp("POST", finish, body={"outcome": "success"}, token=token)
+    assert (status, again) == (200, {**first, "alreadyEnded": True})
+    status, log = await ahttp(
+        "GET", f"{server.url}/api/conversations/{conversation['id']}/events", token=token
+    )
+    assert [event["type"] for event in log] == ["RUN_STARTED", "RUN_FINISHED"]
+
+
+async def test_a_finish_for_a_reaped_run_is_409_no_run(start_server: StartServer) -> None:
+    """A run whose lease expired was ended by the server (producer_lost): its producer's
+    finish is 409 ``no_run``, not a second ending."""
+    server = start_server(env={"COSTREAM_LEASE_TTL_MS": "300"})
+    conversation = await create_conversation(server.url)
+    token = conversation["writeToken"]
+    runs = f"{server.url}/api/conversations/{conversation['id']}/runs"
+    status, dead = await ahttp("POST", runs, body={"input": "hi"}, token=token)
+    assert status == 201
+    async with asyncio.timeout(WAIT_S):  # a new run is refused 409 until the dead one is reaped
+        while (
+            status := (await ahttp("POST", runs, body={"input": "again"}, token=token))[0]
+        ) == 409:
+            await asyncio.sleep(0.05)
+    assert status == 201
+    status, answer = await ahttp(
+        "POST", f"{runs}/{dead['runId']}/finish", body={"outcome": "success"}, token=token
+    )
+    assert (status, answer["error"]["code"]) == (409, "no_run")
+    status, log = await ahttp(
+        "GET", f"{server.url}/api/conversations/{conversation['id']}/events", token=token
+    )
+    assert [e.get("code") for e in log if e["type"] == "RUN_ERROR"] == ["producer_lost"]

@@ -187,6 +187,41 @@ async def test_end_run_records_the_run_then_appends_its_end_and_releases_the_lea
     assert usage == Usage(input_tokens=6, output_tokens=4) and total == 0.75
 
 
+async def test_the_snapshot_of_a_long_history_holds_its_newest_messages_within_the_cap() -> None:
+    """A history longer than one event may be (a late joiner's client reads frames of 1
+    MiB at most): the snapshot keeps the newest messages that fit, the store keeps all."""
+    conversation = _Conversation()
+    cap = 16 * 1024
+    for turn in range(8):
+        lease = await conversation.open()
+        answer = SnapshotMessage(id=f"a{turn}", role="assistant", content=f"{turn}" * 3000)
+        end = RunEnd("success", messages=[answer])
+        await lifecycle.end_run(
+            conversation.broker, conversation.store, lease, end, max_snapshot_bytes=cap
+        )
+
+    snapshot = await conversation.broker.read_snapshot(conversation.id)
+    assert snapshot is not None and len(snapshot) <= cap
+    kept = [m["id"] for m in msgspec.json.decode(snapshot)["messages"] if m["role"] != "user"]
+    assert kept[-1] == "a7" and "a0" not in kept and len(kept) >= 4
+    assert len(await conversation.store.messages(conversation.id)) == 16
+
+
+async def test_a_single_message_longer_than_the_cap_is_cut_in_the_snapshot() -> None:
+    conversation = _Conversation()
+    lease = await conversation.open()
+    answer = SnapshotMessage(id="big", role="assistant", content="x" * 100_000)
+    end = RunEnd("success", messages=[answer])
+    await lifecycle.end_run(
+        conversation.broker, conversation.store, lease, end, max_snapshot_bytes=8192
+    )
+
+    snapshot = await conversation.broker.read_snapshot(conversation.id)
+    assert snapshot is not None and len(snapshot) <= 8192
+    (message,) = msgspec.json.decode(snapshot)["messages"]
+    assert message["id"] == "big" and message["content"].endswith("characters kept]")
+
+
 async def test_end_run_with_an_error_outcome_appends_run_error_with_its_code() -> None:
     """An error outcome ends the run with RUN_ERROR, its code and its message."""
     conversation = _Conversation()
@@ -228,7 +263,7 @@ async def test_end_run_goes_through_the_callers_storage_wrapper_and_writer() -> 
         write=write,
     )
 
-    assert len(wrapped) == 4  # history, usage, cost, the snapshot's history
+    assert len(wrapped) == 3  # history, the run's totals, the snapshot's history
     assert written == [2]
     assert (await conversation.log())[-1]["outcome"] == {"type": "cancelled"}
 

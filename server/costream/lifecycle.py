@@ -34,6 +34,7 @@ from typing import Final, Literal, Protocol, TypeVar
 
 from costream import protocol
 from costream.broker import Broker, RunLease
+from costream.config import Settings
 from costream.errors import ExternallyProduced, LeaseLost, NotFound, RunActive
 from costream.protocol import (
     ErrorCode,
@@ -61,6 +62,7 @@ from costream.protocol import (
     UserMessage,
 )
 from costream.segments import new_id
+from costream.sizes import latest_messages
 from costream.store import Store
 
 Outcome = Literal["success", "cancelled", "error"]
@@ -263,6 +265,7 @@ async def end_run(
     *,
     durably: Durable = _once,
     write: FinishWrite | None = None,
+    max_snapshot_bytes: int = Settings.max_event_bytes,
 ) -> Ended:
     """End a run: record ``end.messages``, its usage and cost; then, in one atomic step,
     append ``closing`` and the ending event, store a MESSAGES_SNAPSHOT of the history and
@@ -276,13 +279,14 @@ async def end_run(
     messages, usage, cost = end.messages, end.usage, end.cost_usd
     if messages:
         await durably(lambda: store.append_messages(conversation_id, messages))
-    await durably(lambda: store.add_usage(conversation_id, usage))
-    total = 0.0  # RUN_ERROR carries no cost: a failed run that cost nothing writes none
-    if cost or end.outcome != "error":
-        total = await durably(lambda: store.add_cost(conversation_id, cost))
+    # Kept under the run's id: a write retried after its answer was lost counts once.
+    run_id = lease.run_id
+    total = await durably(lambda: store.record_run(conversation_id, run_id, usage, cost))
     ending = ending_event(conversation_id, lease.run_id, end, total)
     history = await durably(lambda: store.messages(conversation_id))
-    snapshot = protocol.encode(MessagesSnapshot(messages=history))
+    # Within one event's cap, as every logged frame: the newest messages that fit.
+    latest = latest_messages(history, max_snapshot_bytes)
+    snapshot = protocol.encode(MessagesSnapshot(messages=latest))
     bodies = [protocol.encode(event) for event in (*closing, ending)]
     if write is None:
         head = await broker.finish_run(lease, bodies, snapshot)

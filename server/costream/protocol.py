@@ -33,7 +33,14 @@ CLOSE_UNKNOWN_CONVERSATION: Final = 4404
 
 # RUN_ERROR codes.
 ErrorCode = Literal[
-    "rate_limited", "auth", "timeout", "bad_request", "upstream", "producer_lost", "internal"
+    "rate_limited",
+    "auth",
+    "timeout",
+    "bad_request",
+    "upstream",
+    "producer_lost",
+    "too_large",
+    "internal",
 ]
 # Codes of the `error` control frame.
 RefusalCode = Literal[

@@ -5,7 +5,8 @@ detects where a reasoning, text or tool-call segment starts and ends, gives each
 and never emits an event for an empty delta. It reads chunks through :mod:`costream.chunks`
 (by attribute or by key) and never imports LiteLLM.
 :class:`DeltaMerger` merges consecutive deltas of one segment (:func:`merge_key`) within a
-flush window.
+flush window, and splits any delta whose frame would pass ``max_event_bytes``
+(:func:`costream.sizes.split_deltas`): merged or not, no delta frame is larger.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Final, Literal
 import msgspec
 
 from costream.chunks import chunk_field, chunk_text
+from costream.config import Settings
 from costream.protocol import (
     Event,
     FunctionCall,
@@ -36,6 +38,11 @@ from costream.protocol import (
     ToolCallEnd,
     ToolCallStart,
 )
+from costream.sizes import DELTA_TYPES as DELTA_TYPES
+from costream.sizes import Delta as Delta
+from costream.sizes import split_deltas
+
+DEFAULT_MAX_EVENT_BYTES: Final = Settings.max_event_bytes  # the setting's default
 
 
 def new_id() -> str:
@@ -281,8 +288,6 @@ class StepSegments:
 
 
 Sink = Callable[[list[Event]], Awaitable[None]]
-Delta = ReasoningMessageContent | TextMessageContent | ToolCallArgs
-DELTA_TYPES: Final = (ReasoningMessageContent, TextMessageContent, ToolCallArgs)
 
 
 def merge_key(delta: Delta) -> tuple[type, str]:
@@ -299,12 +304,17 @@ class DeltaMerger:
     A segment's first delta goes out at once (time to first token); later ones wait at
     most ``flush_ms``; anything pending is flushed before any other event. Order and the
     concatenated text never change. ``flush_ms=0`` passes every event straight through.
-    The events pushed are never modified: a merged delta is a new event.
+    The events pushed are never modified: a merged delta is a new event. A delta whose
+    frame would pass ``max_event_bytes`` goes out as several consecutive deltas, and a
+    merged one is sent once it reaches that size, so what waits stays bounded.
     """
 
-    def __init__(self, sink: Sink, flush_ms: int) -> None:
+    def __init__(
+        self, sink: Sink, flush_ms: int, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    ) -> None:
         self._sink = sink
         self._window = flush_ms / 1000
+        self._max_bytes = max_event_bytes
         self._pending: Delta | None = None
         self._last_key: tuple[type, str] | None = None
         self._lock = asyncio.Lock()
@@ -333,8 +343,10 @@ class DeltaMerger:
                     self._pending = msgspec.structs.replace(event)
                 else:
                     self._pending.delta += event.delta
+                if self._pending is not None and len(self._pending.delta) >= self._max_bytes:
+                    out += self._take_pending()  # as large as one event may be: send it
             if out:
-                await self._sink(out)
+                await self._sink(split_deltas(out, self._max_bytes))
             self._arm_timer()
 
     def _take_pending(self) -> list[Event]:
@@ -364,7 +376,7 @@ class DeltaMerger:
         async with self._lock:
             pending = self._take_pending()
             if pending:
-                await self._sink(pending)
+                await self._sink(split_deltas(pending, self._max_bytes))
 
     async def aclose(self) -> None:
         """Stop the timer and flush; a failed timed flush raises here."""

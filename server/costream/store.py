@@ -4,6 +4,12 @@ Everything lives in the broker's storage, so every server process sees the same
 conversation. Tokens are stored only as SHA-256 digests and compared in constant time.
 The message history is kept as AG-UI messages (the shape of ``MESSAGES_SNAPSHOT``);
 ``runner`` turns it into LiteLLM messages.
+
+Writes retried after storage failed (``agent.storage.durably``) may have been applied
+already (Redis died after the command ran, before it answered), so each is idempotent:
+a history entry stored twice is read once (every message has its own id, so two equal
+entries are one message), a run's usage and cost are kept under its run id
+(:meth:`Store.record_run`) and summed, files are put whole.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import msgspec
 
 from costream.broker import Broker
 from costream.names import refused_character
-from costream.protocol import SnapshotMessage, Usage, now_ms
+from costream.protocol import CostUsd, SnapshotMessage, Usage, now_ms
 
 Role = Literal["viewer", "writer"]
 
@@ -29,9 +35,17 @@ CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 _HISTORY = "history"
 _FILES = "files"
+_RUN_TOTALS = "run_totals"  # map: run id -> that run's _RunTotals
 MAX_FILE_NAME_CHARS = 200
 _messages_decoder = msgspec.json.Decoder(SnapshotMessage)
-_usage_decoder = msgspec.json.Decoder(Usage)
+
+
+class _RunTotals(msgspec.Struct, rename="camel", kw_only=True):
+    usage: Usage = msgspec.field(default_factory=Usage)
+    cost_usd: CostUsd = 0.0
+
+
+_run_totals_decoder = msgspec.json.Decoder(_RunTotals)
 
 
 def file_name_problem(path: str) -> str | None:
@@ -169,10 +183,28 @@ class Store:
         )
 
     async def messages(self, conversation_id: str) -> list[SnapshotMessage]:
+        """The history in order; an entry equal to an earlier one (an append retried after
+        its answer was lost) is left out."""
         items = await self.broker.list_all(conversation_id, _HISTORY)
-        return [_messages_decoder.decode(item) for item in items]
+        seen: set[bytes] = set()
+        messages = []
+        for item in items:
+            if item not in seen:
+                seen.add(item)
+                messages.append(_messages_decoder.decode(item))
+        return messages
 
     # ---- usage and cost --------------------------------------------------------------
+    async def record_run(
+        self, conversation_id: str, run_id: str, usage: Usage, cost_usd: float
+    ) -> float:
+        """Record a run's usage and cost under its id (a second call for the run replaces
+        the first: a retry counts once); returns the conversation's total cost."""
+        totals = _RunTotals(usage=usage, cost_usd=cost_usd)
+        await self.broker.map_set(conversation_id, _RUN_TOTALS, run_id, msgspec.json.encode(totals))
+        _, total = await self.totals(conversation_id)
+        return total or 0.0
+
     async def add_cost(self, conversation_id: str, usd: float) -> float:
         """Add a run's cost; returns the conversation's total."""
         return await self.broker.add_to_record(conversation_id, "cost_usd", usd)
@@ -209,7 +241,15 @@ class Store:
             reasoning_tokens=tokens("reasoning_tokens"),
         )
         cost = number("cost_usd")
-        return usage, cost if cost is None or cost >= 0 else None
+        cost = cost if cost is None or cost >= 0 else None
+        for item in (await self.broker.map_all(conversation_id, _RUN_TOTALS)).values():
+            try:
+                run = _run_totals_decoder.decode(item)
+            except msgspec.DecodeError:
+                continue  # not ours to show; never an error
+            usage += run.usage
+            cost = None if cost is None else cost + run.cost_usd
+        return usage, cost
 
     # ---- workspace files -----------------------------------------------------------
     async def list_files(self, conversation_id: str) -> dict[str, int]:

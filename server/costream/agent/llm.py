@@ -15,12 +15,17 @@ import importlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+
+import msgspec
 
 from costream.config import DEMO_MODEL, Settings
-from costream.protocol import SnapshotMessage
+from costream.protocol import FunctionCall, SnapshotMessage
+from costream.sizes import fit_arguments, fit_text
 
 log = logging.getLogger(__name__)
+
+_json: Final = msgspec.json.Encoder()
 
 LLMMessage = dict[str, object]
 ToolSpec = dict[str, object]  # an OpenAI function-tool definition
@@ -151,6 +156,104 @@ def to_llm_messages(system: str, history: Sequence[SnapshotMessage]) -> list[LLM
                 }
             )
     return messages
+
+
+def _fit_message(message: LLMMessage, max_bytes: int) -> LLMMessage:
+    """``message`` with a content or tool-call arguments longer than ``max_bytes`` cut."""
+    content = message.get("content")
+    calls = message.get("tool_calls")
+    if isinstance(content, str):
+        message = {**message, "content": fit_text(content, max_bytes)}
+    if isinstance(calls, list):
+        message = {**message, "tool_calls": [_fit_call(call, max_bytes) for call in calls]}
+    return message
+
+
+def _fit_call(call: object, max_bytes: int) -> object:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(call, dict) or not isinstance(function, dict):
+        return call
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        return call
+    return {**call, "function": {**function, "arguments": fit_arguments(arguments, max_bytes)}}
+
+
+def bounded_messages(messages: list[SnapshotMessage], max_bytes: int) -> list[SnapshotMessage]:
+    """``messages`` for the history with each content and tool call's arguments within
+    ``max_bytes``, cut with a marker (the tools get their arguments whole: a 50 MB
+    ``write_file`` is refused, not stored)."""
+    out = []
+    for message in messages:
+        calls = [
+            msgspec.structs.replace(
+                call,
+                function=FunctionCall(
+                    name=call.function.name,
+                    arguments=fit_arguments(call.function.arguments, max_bytes),
+                ),
+            )
+            for call in message.tool_calls or ()
+        ]
+        content = message.content
+        out.append(
+            msgspec.structs.replace(
+                message,
+                content=content if content is None else fit_text(content, max_bytes),
+                tool_calls=calls or message.tool_calls,
+            )
+        )
+    return out
+
+
+def _turns(messages: Sequence[LLMMessage]) -> list[list[LLMMessage]]:
+    """Messages grouped into turns, each from a user message to the next one. A tool
+    call and its result are always in one turn."""
+    turns: list[list[LLMMessage]] = []
+    for message in messages:
+        if message.get("role") == "user" or not turns:
+            turns.append([])
+        turns[-1].append(message)
+    return turns
+
+
+def _units(turn: list[LLMMessage]) -> list[list[LLMMessage]]:
+    """A turn's parts that can go without the others: each message, except that an
+    assistant message and the tool results after it are one."""
+    units: list[list[LLMMessage]] = []
+    for message in turn:
+        if message.get("role") == "tool" and units:
+            units[-1].append(message)
+        else:
+            units.append([message])
+    return units
+
+
+def _size(messages: Sequence[LLMMessage]) -> int:
+    return sum(len(_json.encode(message)) + 1 for message in messages)
+
+
+def bound_history(messages: Sequence[LLMMessage], max_bytes: int) -> list[LLMMessage]:
+    """The messages of a call within ``max_bytes`` of JSON (``Settings.max_history_bytes``).
+
+    Any content or tool-call arguments longer than a quarter of the bound is cut with a
+    marker (arguments stay JSON); then the oldest turns go, whole (a tool call never
+    without its result, as providers require), then, in the last turn, its oldest replies
+    after the user's message. The system prompt and the latest message always stay."""
+    system = [m for m in messages[:1] if m.get("role") == "system"]
+    rest = [_fit_message(m, max(max_bytes // 4, 1024)) for m in messages[len(system) :]]
+    room = max_bytes - _size(system)
+    turns = _turns(rest)
+    while len(turns) > 1 and _size([m for turn in turns for m in turn]) > room:
+        turns.pop(0)
+    if not turns:
+        return system
+    kept = [m for turn in turns[:-1] for m in turn]
+    units = _units(turns[-1])
+    head = units.pop(0) if len(units) > 1 and units[0][0].get("role") == "user" else []
+    while len(units) > 1 and _size(kept + head + [m for unit in units for m in unit]) > room:
+        units.pop(0)
+    return [*system, *kept, *head, *(m for unit in units for m in unit)]
 
 
 async def warm_up(settings: Settings) -> None:

@@ -23,6 +23,9 @@ ends through :func:`costream.lifecycle.end_run`: the open step's closing events 
   the lease's ttl: the run goes on as if nothing happened. Back later: the lease has
   expired and the run stops; the reaper (:func:`costream.lifecycle.reap`) ends it with
   ``RUN_ERROR`` ``producer_lost`` (as it does after ``STORAGE_RETRY_S``).
+- Sizes: no event passes ``max_event_bytes`` (deltas split, a tool result cut), the LLM's
+  history stays within ``max_history_bytes`` (``llm.bound_history``), and a run refused
+  past ``max_run_bytes`` (``RunTooLarge``) ends with ``RUN_ERROR`` ``too_large``.
 - ``max_steps``: a model that still calls tools after the last step ends the run with
   ``RUN_FINISHED`` success; its tool results are in the history, so the next message
   continues from there.
@@ -45,8 +48,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Literal, TypeVar
 
-from costream import lifecycle, protocol
-from costream.agent.llm import to_llm_messages
+from costream import errors, lifecycle, protocol
+from costream.agent.llm import bound_history, bounded_messages, to_llm_messages
 from costream.agent.step import Steps, Stopped, TokenCallback, quietly
 from costream.agent.storage import STORAGE_RETRY_S, LogWriter, durably
 from costream.agent.tools import TOOL_SPECS, Workspace
@@ -65,6 +68,7 @@ from costream.protocol import (
 )
 from costream.provider import LLMFailure, provider_phrase
 from costream.segments import StepOutput, new_id, step_messages
+from costream.sizes import event_size, fit_text
 from costream.store import Store
 
 __all__ = ["Runs", "StopReason", "TokenCallback"]
@@ -73,7 +77,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-StopReason = Literal["cancelled", "shutdown", "lease_lost", "storage"]
+StopReason = Literal["cancelled", "shutdown", "lease_lost", "storage", "too_large"]
 _BROKEN: Final[tuple[StopReason, ...]] = ("lease_lost", "storage")  # a reaper ends the run
 
 
@@ -94,6 +98,7 @@ class _Run:
         self.provider = provider
         self.task: asyncio.Task[None] | None = None
         self.stop_reason: StopReason | None = None
+        self.run_limit = 0  # the max_run_bytes the broker refused an append at
         self._waits: set[asyncio.Future[Any]] = set()  # interruptible waits under way
         self._writer = LogWriter(runs.broker, lease)
         self._llm = Steps(
@@ -147,10 +152,15 @@ class _Run:
     # ---- appending ----------------------------------------------------------------
     async def _append(self, bodies: list[bytes]) -> None:
         """Append to the log. Never raises: a lost lease or storage stops the run instead."""
-        if self.broken or not bodies:
+        if self.broken or self.stop_reason == "too_large" or not bodies:
             return
         try:
             await self._writer.append(bodies)
+        except errors.RunTooLarge as refused:
+            log.info("run %s passed max_run_bytes (%d); it ends", self.run_id, refused.limit)
+            self.run_limit = refused.limit
+            self.request_stop("too_large")
+            return
         except LeaseLost:
             log.info("run %s lost its lease; another process ends it", self.run_id)
             self.request_stop("lease_lost")
@@ -213,6 +223,9 @@ class _Run:
         )
 
     def _stopped_end(self) -> RunEnd:
+        if self.stop_reason == "too_large":
+            limit = f"{self.run_limit:,} bytes per run (max_run_bytes)"
+            return self._run_end("error", "too_large", f"the run's events passed {limit}")
         if self.stop_reason == "shutdown":
             return self._run_end("error", "producer_lost", "the server shut down during this run")
         return self._run_end("cancelled")
@@ -225,13 +238,17 @@ class _Run:
         closing: list[Event] = []
         if self._llm.open is not None:
             # Keep what viewers saw of the step, but not tool calls that never ran.
-            end.messages = step_messages(self._llm.open.segments.output(), with_tool_calls=False)
+            seen = step_messages(self._llm.open.segments.output(), with_tool_calls=False)
+            end.messages = bounded_messages(seen, self.settings.max_event_bytes)
             reason = "error" if end.outcome == "error" else "cancelled"
             closing = await self._llm.cut_short(reason)
             if self.broken:
                 return  # flushing the step lost the lease or storage
             # The cut step's tokens (reported or estimated) count in the run's usage too.
             end.usage, end.cost_usd = self._llm.totals.usage, self._llm.totals.cost_usd
+        if self.stop_reason == "too_large":
+            # Some events were refused, maybe a segment's start: close what the log shows.
+            closing = await durably(self._writer.logged_closing)
         metrics = self.runs.metrics
         try:
             ended = await lifecycle.end_run(
@@ -242,6 +259,7 @@ class _Run:
                 closing,
                 durably=durably,
                 write=self._writer.finish,
+                max_snapshot_bytes=self.settings.max_event_bytes,
             )
         except LeaseLost:
             log.info("run %s lost its lease before it ended; another process ends it", self.run_id)
@@ -277,12 +295,12 @@ class _Run:
         for number in range(1, self.settings.max_steps + 1):
             self._check_stop()
             history = await durably(lambda: store.messages(self.conversation_id))
-            output = await self._llm.step(f"llm-{number}", to_llm_messages(self.system, history))
-            await durably(
-                functools.partial(
-                    store.append_messages, self.conversation_id, step_messages(output)
-                )
+            messages = to_llm_messages(self.system, history)
+            output = await self._llm.step(
+                f"llm-{number}", bound_history(messages, self.settings.max_history_bytes)
             )
+            recorded = bounded_messages(step_messages(output), self.settings.max_event_bytes)
+            await durably(functools.partial(store.append_messages, self.conversation_id, recorded))
             if not output.tool_calls:
                 return
             await self._run_tools(workspace, output)
@@ -302,8 +320,11 @@ class _Run:
                 is_error = True
             message_id, meta = new_id(), ToolResultMeta(is_error=is_error)
             event = ToolCallResult(
-                message_id=message_id, tool_call_id=call.id, content=content, metadata=meta
+                message_id=message_id, tool_call_id=call.id, content="", metadata=meta
             )
+            # Within one event's size, the marker included; the history keeps the same.
+            room = self.settings.max_event_bytes - event_size(event)
+            event.content = content = fit_text(content, room)
             await self._sink([event])
             result = SnapshotMessage(
                 id=message_id,

@@ -185,7 +185,8 @@ class Steps:
         return usage
 
     async def _start(self, name: str, attempt: int) -> OpenStep:
-        step = OpenStep(name, StepSegments(), DeltaMerger(self._sink, self.settings.flush_ms))
+        merger = DeltaMerger(self._sink, self.settings.flush_ms, self.settings.max_event_bytes)
+        step = OpenStep(name, StepSegments(), merger)
         await self._emit(
             StepStarted(step_name=name, metadata=StepStartedMeta(model=self.model, attempt=attempt))
         )

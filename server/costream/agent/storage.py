@@ -7,8 +7,10 @@ lets its lease expire, so the reaper ends it.
 - Log writes (:class:`LogWriter`) happen exactly once: Redis may die after it ran an
   append's script and before it answered, so before trying again the log's head (and the
   seq of the run's last event) tells whether the write went through.
-- Other calls (:func:`durably`: the history, totals, files) are only retried: one that
-  failed after it ran (Redis died mid-command, rare) may be applied twice.
+- Other calls (:func:`durably`: the history, totals, files) are retried whole: one that
+  failed after it ran (Redis died mid-command, rare) runs twice, so each is idempotent
+  (:mod:`costream.store`: a history entry stored twice is read once, a run's totals are
+  kept under its run id, a file is put whole).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Final, TypeVar
 from costream.backoff import Backoff
 from costream.broker import Broker, RunLease
 from costream.errors import LeaseLost, StorageUnavailable
+from costream.lifecycle import closing_events
+from costream.protocol import Event
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,14 @@ class LogWriter:
                     log.warning("storage unavailable: run %s waits and retries", self.run_id)
                 await asyncio.sleep(delay)
 
+    async def logged_closing(self) -> list[Event]:
+        """The events that close what the run's log shows open (none once it lost its
+        lease: ending it then fails with ``LeaseLost``)."""
+        active = await self.broker.active_run(self.conversation_id)
+        if active is None or active.run_id != self.run_id:
+            return []
+        return await closing_events(self.broker, self.conversation_id, active.start_seq)
+
     async def _already_written(self, count: int, finish: bool) -> bool:
         """After a failed write of ``count`` events: whether it ran anyway.
         ``LeaseLost`` when the log moved on without this run."""
@@ -104,8 +116,8 @@ class LogWriter:
 
 async def durably(make: Callable[[], Awaitable[T]]) -> T:
     """A storage call other than a log write (the history, totals, files), retried while
-    storage is away. Such writes are not checked like appends: one that failed after it
-    ran (Redis died mid-command, rare) may be applied twice."""
+    storage is away. Not checked like appends: one that failed after it ran (Redis died
+    mid-command, rare) runs again, which the store's idempotent writes make harmless."""
     backoff = _storage_backoff()
     while True:
         try:

@@ -16,11 +16,17 @@ conversation's write token:
   once: when the head is already ``N + len(batch)`` the answer is 202 with that head and
   nothing is appended; a head that is neither is 409 ``head_mismatch``. A run's own
   boundaries (``RUN_STARTED``, ``RUN_FINISHED``, ``RUN_ERROR``) and ``MESSAGES_SNAPSHOT``
-  are refused.
+  are refused. Sizes (:mod:`costream.sizes`): a delta whose logged frame would pass
+  ``max_event_bytes`` is stored as several consecutive deltas (the answer's ``head``
+  counts them); any other event that large is 413 ``event_too_large``; a batch that
+  would take the run's logged events past ``max_run_bytes`` is 413 ``run_too_large``
+  (nothing of it is stored; finish the run).
 - ``POST .../runs/{runId}/finish`` ``{"outcome", "usage"?, "costUsd"?, "model"?,
   "error"?, "messages"?}``: closes what is still open, records the history and cost,
   appends ``RUN_FINISHED`` or ``RUN_ERROR`` and releases the lease (200); ``model``
-  becomes the model shown to viewers.
+  becomes the model shown to viewers. Sent again after a lost answer, it is answered 200
+  with the same ``runId`` and ``head`` and ``"alreadyEnded": true`` (nothing appended);
+  for a run that was reaped, 409 ``no_run``.
 
 The fence the run started with is kept beside it, so a call for a run that was reaped
 (its lease expired: ``producer_lost``) gets 409 even though the reaper holds a lease.
@@ -39,14 +45,17 @@ from starlette.routing import BaseRoute, Route
 from costream import lifecycle, protocol
 from costream.bodies import ascii_int
 from costream.broker import ActiveRun, AppendConflict, RunLease
-from costream.errors import LeaseLost, NotFound, RunActive
+from costream.errors import LeaseLost, NotFound, RunActive, RunTooLarge
 from costream.grammar import GrammarError, RunGrammar, grammar_decoder, grammar_encoder
 from costream.lifecycle import RunEnd, open_run
 from costream.protocol import ErrorCode, Event, SnapshotMessage, Usage
 from costream.server.deps import HTTPError, Services, api, authorize, read_json_body
+from costream.sizes import DELTA_TYPES, event_size, split_deltas
 
 _FENCES: Final = "ingest_fences"  # store map: run id -> the fence it started with
 _GRAMMAR: Final = "ingest_grammar"  # store map: run id -> its RunGrammar so far
+_ENDED: Final = "ingest_ended"  # store map: run id -> "head ms" of the latest runs finished
+_ENDED_KEPT: Final = 16  # finished runs remembered, for a finish sent again
 _REFUSED: Final = (
     protocol.RunStarted,
     protocol.RunFinished,
@@ -143,22 +152,36 @@ async def start_run(request: Request) -> Response:
     )
 
 
-def _decode_events(body: Any) -> list[Event]:
-    """The events of a request, checked one by one and stamped with the server's time."""
+def _decode_events(body: Any, max_bytes: int) -> list[Event]:
+    """The events of a request, checked one by one and stamped with the server's time, a
+    delta longer than ``max_bytes`` split in several. A non-delta event over ``max_bytes``
+    is 413, before the first malformed event's 400 (PROTOCOL.md's order)."""
     if not isinstance(body, list):
         raise _bad_request("body must be a JSON array of events")
     events: list[Event] = []
+    invalid: HTTPError | None = None
     for position, item in enumerate(body):
         try:
             event: Event = msgspec.convert(item, Event)
         except msgspec.ValidationError as error:
-            raise _bad_request(f"event {position}: {error}") from None
+            invalid = invalid or _bad_request(f"event {position}: {error}")
+            continue
         if isinstance(event, _REFUSED):
-            raise _bad_request(f"event {position}: {type(event).__name__} is not allowed here")
-        events.append(
-            msgspec.structs.replace(event, seq=msgspec.UNSET, timestamp=protocol.now_ms())
-        )
-    return events
+            name = type(event).__name__
+            invalid = invalid or _bad_request(f"event {position}: {name} is not allowed here")
+            continue
+        event = msgspec.structs.replace(event, seq=msgspec.UNSET, timestamp=protocol.now_ms())
+        if not isinstance(event, DELTA_TYPES) and (size := event_size(event)) > max_bytes:
+            raise HTTPError(
+                413,
+                "event_too_large",
+                f"event {position}: its frame would be {size:,} bytes; the limit per event "
+                f"is {max_bytes:,} bytes (only deltas are split)",
+            )
+        events.append(event)
+    if invalid is not None:
+        raise invalid
+    return split_deltas(events, max_bytes)
 
 
 async def _forget_ended_runs(services: Services, conversation_id: str) -> None:
@@ -201,7 +224,7 @@ def _expected_head(request: Request) -> int | None:
 async def post_events(request: Request) -> Response:
     services, conversation, _ = await authorize(request, write=True)
     body = await read_json_body(request, services.settings.max_body_bytes)
-    events = _decode_events(body)
+    events = _decode_events(body, services.settings.max_event_bytes)
     expected_head = _expected_head(request)
     run_id = request.path_params["run_id"]
     lease, _ = await _lease(services, conversation.id, run_id)
@@ -219,6 +242,13 @@ async def post_events(request: Request) -> Response:
         ) from None
     except LeaseLost:
         raise _no_run(run_id) from None
+    except RunTooLarge as refused:
+        raise HTTPError(
+            413,
+            "run_too_large",
+            f"this batch would take the run's logged events past {refused.limit:,} bytes "
+            "(max_run_bytes); nothing of it was stored: finish the run",
+        ) from None
     return JSONResponse({"head": head, "cancelRequested": cancel}, status_code=202)
 
 
@@ -262,7 +292,14 @@ async def finish_run(request: Request) -> Response:
     except msgspec.ValidationError as invalid:
         raise _bad_request(str(invalid)) from None
     run_id = request.path_params["run_id"]
-    lease, active = await _lease(services, conversation.id, run_id)
+    try:
+        lease, active = await _lease(services, conversation.id, run_id)
+    except HTTPError:
+        earlier = await services.broker.map_get(conversation.id, _ENDED, run_id)
+        if earlier is None:
+            raise  # reaped, or never ours: 409 no_run
+        head = int(earlier.split()[0])  # finished by an earlier call whose answer was lost
+        return JSONResponse({"runId": run_id, "head": head, "alreadyEnded": True})
     error = finish.error or _ErrorBody()
     end = RunEnd(
         finish.outcome,
@@ -278,15 +315,34 @@ async def finish_run(request: Request) -> Response:
     # Whatever the producer left open is closed here, as the reaper would.
     closing = await lifecycle.closing_events(services.broker, conversation.id, active.start_seq)
     try:
-        ended = await lifecycle.end_run(services.broker, services.store, lease, end, closing)
+        ended = await lifecycle.end_run(
+            services.broker,
+            services.store,
+            lease,
+            end,
+            closing,
+            max_snapshot_bytes=services.settings.max_event_bytes,
+        )
     except LeaseLost:
         raise _no_run(run_id) from None
+    await _remember_ended(services, conversation.id, run_id, ended.head)
     await services.broker.map_delete(conversation.id, _FENCES, run_id)
     await services.broker.map_delete(conversation.id, _GRAMMAR, run_id)
     services.metrics.events_appended.inc(ended.events)
     if finish.outcome == "error":
         services.metrics.run_errors.inc()
     return JSONResponse({"runId": run_id, "head": ended.head})
+
+
+async def _remember_ended(services: Services, conversation_id: str, run_id: str, head: int) -> None:
+    """Keep a finished run's head, so a finish sent again is answered as the first was;
+    the latest :data:`_ENDED_KEPT` runs only."""
+    broker = services.broker
+    await broker.map_set(conversation_id, _ENDED, run_id, b"%d %d" % (head, protocol.now_ms()))
+    ended = await broker.map_all(conversation_id, _ENDED)
+    by_age = sorted(ended, key=lambda key: int(ended[key].split()[-1]))
+    for old in by_age[: max(len(by_age) - _ENDED_KEPT, 0)]:
+        await broker.map_delete(conversation_id, _ENDED, old)
 
 
 def routes() -> list[BaseRoute]:
