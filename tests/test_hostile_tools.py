@@ -72,10 +72,11 @@ async def test_a_stored_bad_name_does_not_break_listing() -> None:
 
 
 async def test_non_finite_stored_totals_read_as_unknown_cost() -> None:
-    """A total cost stored as infinity (two 1e308 costs) reads as None, not an error."""
+    """A total cost stored as infinity (two 1e308 costs added up by an earlier version)
+    reads as None, not an error."""
     _, store, conversation_id = await _workspace()
-    await store.add_cost(conversation_id, 1e308)
-    await store.add_cost(conversation_id, 1e308)
+    await store.broker.add_to_record(conversation_id, "cost_usd", 1e308)
+    await store.broker.add_to_record(conversation_id, "cost_usd", 1e308)
     await store.broker.add_to_record(conversation_id, "input_tokens", float("inf"))
     usage, cost = await store.totals(conversation_id)
     assert cost is None

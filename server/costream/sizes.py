@@ -151,7 +151,7 @@ def latest_messages(messages: list[SnapshotMessage], max_bytes: int) -> list[Sna
     starts with a tool result whose call was left out; a single message too long alone
     has its content cut (:func:`fit_text`)."""
     room = max_bytes - frame_size(encode(MessagesSnapshot(messages=[])))
-    sizes = [len(encode(message)) + 1 for message in messages]  # + the comma
+    sizes = [len(encoder.encode(message)) + 1 for message in messages]  # + the comma
     start, used = len(messages), 0
     while start > 0 and used + sizes[start - 1] <= room:
         start -= 1
@@ -160,7 +160,7 @@ def latest_messages(messages: list[SnapshotMessage], max_bytes: int) -> list[Sna
         start += 1
     if start == len(messages) and messages:  # the last message alone is too long: cut it
         last = messages[-1]
-        wrapper = len(encode(msgspec.structs.replace(last, content="", tool_calls=None)))
+        wrapper = len(encoder.encode(msgspec.structs.replace(last, content="", tool_calls=None)))
         content = fit_text(last.content or "", max(room - wrapper - 2, _MIN_ROOM))
         return [msgspec.structs.replace(last, content=content, tool_calls=None)]
     return messages[start:]

@@ -205,19 +205,6 @@ class Store:
         _, total = await self.totals(conversation_id)
         return total or 0.0
 
-    async def add_cost(self, conversation_id: str, usd: float) -> float:
-        """Add a run's cost; returns the conversation's total."""
-        return await self.broker.add_to_record(conversation_id, "cost_usd", usd)
-
-    async def add_usage(self, conversation_id: str, usage: Usage) -> None:
-        for name, amount in (
-            ("input_tokens", usage.input_tokens),
-            ("output_tokens", usage.output_tokens),
-            ("reasoning_tokens", usage.reasoning_tokens),
-        ):
-            if amount:
-                await self.broker.add_to_record(conversation_id, name, amount)
-
     async def totals(self, conversation_id: str) -> tuple[Usage, float | None]:
         """The conversation's token usage and cost so far. A stored total that is not a
         finite number (written before costs were range-checked) reads as cost None and
