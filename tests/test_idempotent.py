@@ -188,3 +188,22 @@ async def test_a_finish_for_a_reaped_run_is_409_no_run(start_server: StartServer
         "GET", f"{server.url}/api/conversations/{conversation['id']}/events", token=token
     )
     assert [e.get("code") for e in log if e["type"] == "RUN_ERROR"] == ["producer_lost"]
+
+
+async def test_an_empty_batch_without_expected_head_answers_the_logs_head(
+    start_server: StartServer,
+) -> None:
+    """``[]`` with no ``expectedHead`` renews the lease and tells the head: how a producer
+    that lost count (its retries ran out) finds its place again."""
+    server = start_server()
+    conversation = await create_conversation(server.url)
+    token = conversation["writeToken"]
+    runs = f"{server.url}/api/conversations/{conversation['id']}/runs"
+    status, started = await ahttp("POST", runs, body={"input": "hi"}, token=token)
+    assert status == 201
+    events = f"{runs}/{started['runId']}/events"
+    batch = [{"type": "CUSTOM", "name": "note", "value": {"n": n}} for n in range(3)]
+    status, appended = await ahttp("POST", events, body=batch, token=token)
+    assert status == 202 and appended["head"] == started["head"] + 3, appended
+    status, answer = await ahttp("POST", events, body=[], token=token)
+    assert (status, answer["head"]) == (202, appended["head"])

@@ -51,6 +51,18 @@ def one_line(text: str, limit: int = MAX_PROMPT_CHARS) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def gap_line(value: dict[str, object]) -> str:
+    """What a publisher's CUSTOM ``stream_gap`` tells: ``stream gap: continues the
+    interrupted run, 3 events missing here``."""
+    parts = ["continues the interrupted run"] if value.get("resumes") else []
+    lost, unconfirmed = value.get("lost"), value.get("unconfirmed")
+    if isinstance(lost, int) and lost > 0:
+        parts.append(f"{lost} events missing here")
+    if isinstance(unconfirmed, int) and unconfirmed > 0:
+        parts.append(f"{unconfirmed} more may be missing")
+    return "stream gap: " + (", ".join(parts) or "nothing missing")
+
+
 def usage_line(event: protocol.RunFinished) -> str:
     """``1,234 in / 567 out tokens, $0.0012 (conversation total $0.0034)``."""
     tokens_in = sum(u.input_tokens for u in event.usage)
@@ -190,6 +202,8 @@ class TerminalRenderer:
                 label = "TOOL RESULT (error)" if error else "TOOL RESULT"
                 self._label("tool_result", event.tool_call_id, label, RED if error else BLUE)
                 self._write(self._cut(event.content))
+            case protocol.Custom(name="stream_gap"):
+                self._rule(gap_line(event.value), YELLOW)
             case protocol.Custom(name="step_retry"):
                 attempt = event.value.get("attempt", "?")
                 reason = event.value.get("reason", "")

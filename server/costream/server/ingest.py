@@ -258,9 +258,9 @@ async def _append(
     events: list[Event],
     bodies: list[bytes],
     expected_head: int | None,
-) -> int | None:
-    """Append a batch after the grammar check; its head (None for an empty batch without
-    ``expected_head``). A batch the log already holds (a retry: the head is
+) -> int:
+    """Append a batch after the grammar check; the head after it (an empty batch without
+    ``expected_head`` reads it: how a producer that lost count finds its place). A batch the log already holds (a retry: the head is
     ``expected_head + len(bodies)``) is answered with the head, before the grammar, which
     took it in already and would refuse it a second time; a head that is neither is a
     conflict (409) before any grammar check."""
@@ -273,8 +273,11 @@ async def _append(
             return await broker.append(lease, bodies, expected_head)
         if head != expected_head:  # the grammar's state is of another position: 409 first
             raise AppendConflict(conversation_id, head, expected_head)
+    if not bodies and expected_head is None:
+        state = await broker.log_state(conversation_id)
+        return 0 if state is None else state.head
     if not bodies:
-        return None if expected_head is None else await broker.append(lease, [], expected_head)
+        return await broker.append(lease, [], expected_head)
     grammar = await _check_grammar(services, conversation_id, lease.run_id, events)
     head = await broker.append(lease, bodies, expected_head)
     # Saved once the batch is stored, so a batch that was not stored can be sent again.

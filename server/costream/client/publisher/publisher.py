@@ -18,6 +18,17 @@ the same :class:`~costream.segments.StepSegments`: ``RUN_STARTED``, per step
   (microseconds) and queues them; one background thread publishes (:mod:`.sender`). A
   failed publish is logged (never with the token) and counted in ``errors``; the agent
   goes on.
+- Outages: while the server (or Redis) is away the thread tries again in the background
+  (backoff capped at ``retry_cap_s``) and the queue buffers the stream (bounded; past its
+  bounds events are shed and counted). When the server answers again the run goes on, or
+  starts late, or, if the server ended it meanwhile, goes on in a new run for the same
+  message; a run missing events starts its next batch with CUSTOM ``stream_gap``.
+- Counters: ``delivered`` (stored), ``dropped`` (given up, never stored), ``unconfirmed``
+  (sent, answer never came; stored all or nothing), ``retried``, ``errors``.
+- ``close()`` waits at most ``close_timeout_s`` (5 s); the publisher is a context
+  manager whose exit ends an open run with RUN_ERROR when an exception leaves it; at the
+  interpreter's exit an open publisher is closed the same way (RUN_ERROR when the program
+  dies of an exception).
 - A flush window (``flush_ms``, 30 ms as the built-in runner's) merges a segment's
   deltas, so a run makes about as many events as a built-in one (:mod:`.queue`). Past
   ``max_pending_events`` or ``max_pending_chars`` the run is abandoned: its queued events
@@ -39,6 +50,8 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import sys
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Literal
@@ -62,6 +75,8 @@ from costream.store import CONVERSATION_ID
 log = logging.getLogger("costream.client.publisher")
 
 DEFAULT_FLUSH_MS = 30  # the built-in runner's COSTREAM_FLUSH_MS
+DEFAULT_CLOSE_TIMEOUT_S = 5.0
+DEFAULT_RETRY_CAP_S = 2.0
 
 
 class _RunScope:
@@ -151,10 +166,13 @@ class TokenPublisher:
         timeout_s: float = 10.0,
         max_pending_events: int = 10_000,
         max_pending_chars: int = 4_000_000,
+        close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
+        retry_cap_s: float = DEFAULT_RETRY_CAP_S,
     ) -> None:
         make, self.where = _transport_maker(
             url, token, redis_url, conversation_id, lease_ttl_ms, timeout_s
         )
+        self._close_timeout_s = close_timeout_s
         self._model, self._exclusive = model or "", exclusive
         queue = EventQueue(max_pending_events, max_pending_chars, flush_ms)
         self._outbox = Outbox(queue, StepReader(model or ""), self.where)
@@ -162,20 +180,38 @@ class TokenPublisher:
         self._in_run = False
         self._warned_outside = False
         self._openhands = OpenHandsEvents(self)
-        self._sender = Sender(self._outbox, make)
+        self._sender = Sender(self._outbox, make, retry_cap_s)
         # A program that ends without close() (the OpenHands example) still gets its
         # last run ended and published: atexit runs before daemon threads stop.
-        atexit.register(self.close)
+        atexit.register(self._at_exit)
 
     @property
     def errors(self) -> int:
-        """Publishes that failed (each logged)."""
+        """Failures given up on (each logged)."""
         return self._outbox.errors
 
     @property
     def dropped(self) -> int:
-        """Events or chunks not published."""
+        """Events (or chunks outside a run) given up on: never stored."""
         return self._outbox.dropped
+
+    @property
+    def delivered(self) -> int:
+        """Events the server stored, ``stream_gap`` and the events the publisher adds
+        (closing what a cut-short run left open) included; not ``RUN_STARTED`` nor the
+        run's end, which the server makes."""
+        return self._outbox.delivered
+
+    @property
+    def unconfirmed(self) -> int:
+        """Events sent whose answer never came before the publisher gave up on them
+        (closed, or their run ended meanwhile): each such batch is stored whole or not."""
+        return self._outbox.unconfirmed
+
+    @property
+    def retried(self) -> int:
+        """Calls tried again after the server (or Redis) failed to answer."""
+        return self._outbox.retried
 
     @property
     def run_id(self) -> str | None:
@@ -296,29 +332,57 @@ class TokenPublisher:
         except TimeoutError:
             return False
 
-    def close(self, timeout: float = 10.0) -> None:
-        """End an open run (success), publish what is queued, stop the thread. Called at
-        the interpreter's exit when not before."""
-        atexit.unregister(self.close)
-        with self._outbox.lock:
+    def close(self, timeout: float | None = None, *, error: BaseException | None = None) -> None:
+        """End an open run (success; RUN_ERROR with ``error``), publish what is queued
+        within ``timeout`` seconds (``close_timeout_s`` by default), stop the thread;
+        what is not published by then is counted in ``dropped`` or ``unconfirmed``.
+        Called at the interpreter's exit when not before."""
+        atexit.unregister(self._at_exit)
+        timeout = self._close_timeout_s if timeout is None else timeout
+        outbox = self._outbox
+        with outbox.lock:
             if not self._closed:
                 if self._in_run:
-                    self._finish("success", None, None, None)
+                    outcome: Outcome = "success" if error is None else "error"
+                    self._finish(outcome, None, None, error)
                 self._closed = True
-                self._outbox.control(Close())
-        self._sender.thread.join(timeout)
+                outbox.deadline = time.monotonic() + timeout
+                outbox.control(Close())
+        self._sender.thread.join(timeout + 0.05)
         if self._sender.thread.is_alive():
-            log.warning("costream publisher: not flushed within %.1f s; giving up", timeout)
+            log.error("costream publisher: %s did not answer within %.1f s", self.where, timeout)
+            with outbox.lock:
+                outbox.give_up()
+        if outbox.dropped or outbox.unconfirmed:
+            log.warning(
+                "costream publisher: closed; %d events delivered, %d dropped, %d unconfirmed",
+                outbox.delivered,
+                outbox.dropped,
+                outbox.unconfirmed,
+            )
 
-    async def aclose(self, timeout: float = 10.0) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:
         """:meth:`close` for async code."""
         await asyncio.to_thread(self.close, timeout)
+
+    def _at_exit(self) -> None:
+        # A program that died of an exception ends its open run with RUN_ERROR.
+        self.close(error=getattr(sys, "last_value", None))
 
     def __enter__(self) -> TokenPublisher:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if error is not None and not isinstance(error, Exception):
+            with self._outbox.lock:  # KeyboardInterrupt: the user stopped it
+                if self._in_run:
+                    self._finish("cancelled", None, None, None)
+        self.close(error=error)
 
     # ---- the caller's side (under the lock) ------------------------------------------------
     def _chunk_outside_run(self) -> None:

@@ -15,7 +15,10 @@ Callers put a run's events and control items (:class:`Start`, :class:`Finish`,
   frame stays far below the 1 MiB limit while each delta the LLM sent stays whole.
 - Past ``max_events`` queued events or ``max_chars`` queued delta characters the run is
   abandoned: its queued events are dropped and :class:`Abandon` is queued, and the run's
-  later events are dropped until the next run starts.
+  later events are dropped until the next run starts. During an outage (the thread cannot
+  reach the server and is trying again) the queue is the publisher's buffer: past its
+  bounds the queued events are shed into a :class:`Gap` that counts them, and the run's
+  later events are queued as before, to be published once the server is back.
 
 Not thread-safe by itself: the :class:`Outbox`'s lock guards every call.
 """
@@ -65,6 +68,13 @@ class Abandon:
 
 
 @dataclass
+class Gap:
+    """``lost`` events of the run were shed here (the buffer was full during an outage)."""
+
+    lost: int
+
+
+@dataclass
 class Barrier:
     """Everything queued before it was published (or failed): set ``done``."""
 
@@ -76,7 +86,7 @@ class Close:
     """Stop the publisher's thread."""
 
 
-Item = LoggedEvent | Start | Finish | Abandon | Barrier | Close
+Item = LoggedEvent | Start | Finish | Abandon | Gap | Barrier | Close
 
 
 class EventQueue:
@@ -164,6 +174,37 @@ class EventQueue:
             self._pending_events, self._pending_chars = 1, len(held.delta)
         return batch
 
+    def shed(self) -> int:
+        """Drop the run's queued events into a :class:`Gap` (merged with one just before
+        them); how many were dropped. The run's later events are queued as before."""
+        dropped = 0
+        while self._items and isinstance(self._items[-1], LoggedEvent):
+            self._items.pop()
+            dropped += 1
+        last = self._items[-1] if self._items else None
+        if isinstance(last, Gap):
+            last.lost += dropped
+        else:
+            self._items.append(Gap(dropped))
+        self._pending_events = sum(isinstance(i, LoggedEvent) for i in self._items)
+        self._pending_chars = 0
+        self._last_key = self._held_until = None
+        return dropped
+
+    def clear(self) -> int:
+        """Empty the queue (the publisher gave up): how many events it held; waiting
+        barriers are released."""
+        events = 0
+        for item in self._items:
+            if isinstance(item, LoggedEvent):
+                events += 1
+            elif isinstance(item, Barrier) and not item.done.done():
+                item.done.set_result(None)
+        self._items.clear()
+        self._pending_events = self._pending_chars = 0
+        self._last_key = self._held_until = None
+        return events
+
     def abandon(self) -> int:
         """Drop the run's queued events and queue :class:`Abandon`; how many were dropped."""
         dropped = 0
@@ -180,8 +221,14 @@ class EventQueue:
 
 class Outbox:
     """The queue, the step reader and the counters, under one lock; callers put, the
-    publishing thread takes. ``errors`` counts failed publishes, ``dropped`` the events
-    (or chunks) not published."""
+    publishing thread takes.
+
+    Counters: ``delivered`` events the server stored (answered), ``dropped`` events (or
+    chunks) given up on, never stored, ``unconfirmed`` events sent whose answer never
+    came before the publisher gave up on them (all of such a batch is stored, or none),
+    ``retried`` calls tried again after a failure, ``errors`` failures given up on. Every
+    event queued ends up delivered, dropped or unconfirmed; ``held`` counts those the
+    thread has taken and not yet settled, ``in_flight`` those of the call under way."""
 
     def __init__(self, queue: EventQueue, steps: StepReader, where: str) -> None:
         self.lock = threading.Lock()
@@ -189,6 +236,14 @@ class Outbox:
         self.queue, self.steps, self.where = queue, steps, where
         self.errors = 0
         self.dropped = 0
+        self.delivered = 0
+        self.unconfirmed = 0
+        self.retried = 0
+        self.held = 0
+        self.in_flight = 0
+        self.outage = False  # the thread cannot reach the server and is trying again
+        self.deadline: float | None = None  # close(): give up what is not sent by then
+        self.stopped = False  # close() gave up: the counters are final, nothing more is sent
         self.run_id: str | None = None  # the latest run started in the conversation
         self.cancel_requested = False  # someone asked the conversation's run to stop
 
@@ -197,7 +252,9 @@ class Outbox:
         a delta starts waiting (the thread then sleeps until it is due)."""
         held_until = self.queue.ready_at()
         self.dropped += self.queue.put(events)
-        if self.queue.over_bounds():
+        if self.queue.over_bounds() and self.outage:
+            self.dropped += self.queue.shed()
+        elif self.queue.over_bounds():
             self.dropped += self.queue.abandon()
             log.warning(
                 "costream publisher: %s fell too far behind; this run's remaining output "
@@ -206,6 +263,34 @@ class Outbox:
             )
         if events and (self.queue.ready(time.monotonic()) or self.queue.ready_at() != held_until):
             self.cond.notify()
+
+    def settle(
+        self, *, delivered: int = 0, dropped: int = 0, unconfirmed: int = 0, held: int | None = None
+    ) -> None:
+        """Count events as delivered, dropped or unconfirmed, ``held`` of them (all by
+        default) taken from the queue (takes the lock); nothing once close() gave up (it
+        counted them)."""
+        with self.lock:
+            if self.stopped:
+                return
+            self.delivered += delivered
+            self.dropped += dropped
+            self.unconfirmed += unconfirmed
+            self.held -= delivered + dropped + unconfirmed if held is None else held
+
+    def give_up(self, *, failed: bool = True) -> None:
+        """Stop publishing (under the lock): what is queued or held is dropped, the call
+        under way unconfirmed, one error counted (unless ``failed`` is False: the caller
+        counted it); the counters are final."""
+        if self.stopped:
+            return
+        self.stopped = True
+        left = self.held + self.queue.clear()
+        self.errors += 1 if left and failed else 0
+        self.unconfirmed += self.in_flight
+        self.dropped += left - self.in_flight
+        self.held = self.in_flight = 0
+        self.cond.notify_all()
 
     def control(self, item: Start | Finish | Barrier | Close) -> None:
         """Queue a control item (under the lock) and wake the thread."""

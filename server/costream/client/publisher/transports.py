@@ -7,10 +7,14 @@
 
 Both send every batch with the head they expect before it (the start's, then each
 append's answer), so a batch tried again after a lost answer is stored once (the broker's
-``expected_head``). Both are blocking and called from the publisher's thread only. A failed call raises
-:class:`PublishError`, whose message is safe to log (no token, no password). The Redis
-transport starts, ends and reaps runs with :mod:`costream.lifecycle`, as the runner and
-``ingest.py`` do.
+``expected_head``); when the log's head is neither (409 ``head_mismatch``, the broker's
+``AppendConflict``) they read the head again and send the batch there, once. Both are
+blocking and called from the publisher's thread only. A failed call raises
+:class:`PublishError`, whose message is safe to log (no token, no password) and which
+says whether trying again may help (``transient``: the server or Redis is away, or
+another run still holds the lease) or the run is over (``over``: it ended, or was reaped
+while the publisher could not reach it). The Redis transport starts, ends and reaps runs
+with :mod:`costream.lifecycle`, as the runner and ``ingest.py`` do.
 
 Neither Starlette nor LiteLLM is imported here, and the Redis broker only by the Redis
 transport, when it is made.
@@ -29,15 +33,30 @@ from urllib.parse import urlsplit
 import msgspec
 
 from costream import lifecycle, protocol
-from costream.broker import RunLease
-from costream.errors import LeaseLost, NotFound, RunActive, StorageUnavailable
+from costream.broker import AppendConflict, RunLease
+from costream.errors import LeaseLost, NotFound, RunActive, RunTooLarge, StorageUnavailable
 from costream.lifecycle import RunEnd, open_run
 from costream.protocol import Event
+from costream.sizes import frame_size, split_deltas
 from costream.store import CONVERSATION_ID, Store
 
 T = TypeVar("T")
 
+
+def _same_events(stored: list[Event], bodies: list[bytes]) -> bool:
+    """Whether the log's ``stored`` events are ``bodies`` (seq and timestamp aside)."""
+    if len(stored) != len(bodies):
+        return False
+    for event, body in zip(stored, bodies, strict=True):
+        sent = protocol.event_decoder.decode(body)
+        unset: dict[str, Any] = {"seq": msgspec.UNSET, "timestamp": 0}
+        if msgspec.structs.replace(event, **unset) != msgspec.structs.replace(sent, **unset):
+            return False
+    return True
+
+
 DEFAULT_LEASE_TTL_MS: Final = 10_000  # Settings.lease_ttl_ms
+MAX_EVENT_BYTES: Final = 256 * 1024  # Settings.max_event_bytes: one logged event at most
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 _MAX_REQUEST_BYTES: Final = 512 * 1024  # one HTTP request; the server takes up to 1 MiB
 
@@ -46,11 +65,21 @@ _MAX_REQUEST_BYTES: Final = 512 * 1024  # one HTTP request; the server takes up 
 
 
 class PublishError(Exception):
-    """A transport call failed; ``message`` is safe to log (no token, no password)."""
+    """A transport call failed; ``message`` is safe to log (no token, no password).
+    ``transient``: the same call may succeed later; ``over``: the run it was for has
+    ended (or was reaped), so nothing more can go into it."""
 
-    def __init__(self, message: str, transient: bool) -> None:
+    def __init__(self, message: str, transient: bool, *, over: bool = False) -> None:
         super().__init__(message)
-        self.message, self.transient = message, transient
+        self.message, self.transient, self.over = message, transient, over
+
+
+class _Conflict(PublishError):
+    """The log's head is neither the one the batch expected nor the one after it."""
+
+    def __init__(self, message: str, head: int | None = None) -> None:
+        super().__init__(message, transient=False)
+        self.head = head
 
 
 class Transport(abc.ABC):
@@ -68,6 +97,11 @@ class Transport(abc.ABC):
     def append(self, bodies: list[bytes]) -> bool:
         """Append events of the run; whether a cancel was requested (when known). Called
         again with the same ``bodies`` after a failure, it stores each event once."""
+
+    @abc.abstractmethod
+    def stored(self, bodies: list[bytes]) -> int | None:
+        """After :meth:`append` of ``bodies`` found the run over: how many of them the
+        log holds (0 or all; None when that cannot be told)."""
 
     @abc.abstractmethod
     def renew(self) -> bool:
@@ -104,12 +138,17 @@ class RedisTransport(Transport):
             return self._loop.run_until_complete(call())
         except StorageUnavailable as error:  # its message is scrubbed of the password
             raise PublishError(str(error), transient=True) from None
+        except AppendConflict as conflict:  # a LeaseLost: caught first
+            raise _Conflict("the log's head is not the expected one", conflict.head) from None
         except LeaseLost:
-            raise PublishError("the run's lease expired or was taken over", False) from None
+            message = "the run is over (its lease expired or was taken over)"
+            raise PublishError(message, False, over=True) from None
+        except RunTooLarge:
+            raise PublishError("the run passed the servers' max_run_bytes", False) from None
         except NotFound:
             raise PublishError("no such conversation in this Redis", False) from None
-        except RunActive:
-            raise PublishError("the conversation already has an active run", False) from None
+        except RunActive:  # maybe an interrupted run of ours, until it is reaped
+            raise PublishError("the conversation already has an active run", True) from None
 
     async def _reap(self, conversation_id: str) -> None:
         await lifecycle.reap(self._broker, self._store, conversation_id, self.lease_ttl_ms)
@@ -145,10 +184,26 @@ class RedisTransport(Transport):
         return self._lease
 
     def append(self, bodies: list[bytes]) -> bool:
+        # As the server's ingest does: a delta too long for one event is several.
+        if any(frame_size(body) > MAX_EVENT_BYTES for body in bodies):
+            events = [protocol.event_decoder.decode(body) for body in bodies]
+            bodies = [protocol.encode(e) for e in split_deltas(events, MAX_EVENT_BYTES)]
         lease, expected = self._current(), self._head
         # A retry after a lost answer sends the same expected head: stored once.
-        self._head = self._call(lambda: self._broker.append(lease, bodies, expected))
+        try:
+            self._head = self._call(lambda: self._broker.append(lease, bodies, expected))
+        except _Conflict as conflict:  # the head moved under us: read it, send there once
+            if conflict.head is None:
+                raise
+            head = conflict.head
+            self._head = self._call(lambda: self._broker.append(lease, bodies, head))
         return False
+
+    def stored(self, bodies: list[bytes]) -> int | None:
+        conversation_id, head = self._conversation_id, self._head
+        frames = self._call(lambda: self._broker.read_log(conversation_id, head, len(bodies)))
+        events = [protocol.event_decoder.decode(frame) for frame in frames]
+        return len(bodies) if _same_events(events, bodies) else 0
 
     def renew(self) -> bool:
         lease = self._current()
@@ -161,8 +216,13 @@ class RedisTransport(Transport):
 
     def finish(self, end: RunEnd, closing: list[Event]) -> None:
         lease = self._current()
+        try:
+            self._call(lambda: self._finish(lease, end, closing))
+        except PublishError as error:
+            if not error.transient:  # over, or refused: this lease is done with
+                self._lease = None
+            raise
         self._lease = None
-        self._call(lambda: self._finish(lease, end, closing))
 
     def close(self) -> None:
         try:
@@ -214,8 +274,9 @@ class HTTPTransport(Transport):
         self._batches: list[list[bytes]] = []
         self._stored = 0
 
-    def _request(self, path: str, body: bytes) -> Any:
-        """POST ``body``; the answer's JSON. Errors name the status, never the token."""
+    def _request(self, path: str, body: bytes | None) -> Any:
+        """POST ``body`` (GET for None); the answer's JSON. Errors name the status, never
+        the token."""
         if self._connection is None:
             kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
             self._connection = kind(self._host, self._port, timeout=self._timeout_s)
@@ -224,7 +285,8 @@ class HTTPTransport(Transport):
             "Authorization": f"Bearer {self._token}",
         }
         try:
-            self._connection.request("POST", self._base + path, body, headers)
+            method = "GET" if body is None else "POST"
+            self._connection.request(method, self._base + path, body, headers)
             answer = self._connection.getresponse()
             status, payload = answer.status, answer.read()
         except (OSError, http.client.HTTPException) as error:
@@ -243,10 +305,23 @@ class HTTPTransport(Transport):
         code = detail.get("code", "") if isinstance(detail, dict) else ""
         message = detail.get("message", "") if isinstance(detail, dict) else ""
         hint = " (is the token the conversation's write token?)" if status in (401, 403) else ""
-        raise PublishError(
-            f"{self.where}{path} answered HTTP {status} {code}: {message}{hint}",
-            transient=status >= 500 or status == 429,
+        said = (
+            f"{self.where}{path.partition('?')[0]} answered HTTP {status} {code}: {message}{hint}"
         )
+        if status == 409 and code == "head_mismatch":
+            raise _Conflict(said)
+        if status == 409 and code != "run_active" and path.startswith("/runs/"):
+            raise PublishError(said, transient=False, over=True)  # no_run: ended or reaped
+        # run_active: maybe an interrupted run of ours, until the server reaps it
+        raise PublishError(said, transient=status >= 500 or status in (409, 429))
+
+    def _read_head(self) -> int | None:
+        """The log's head as the server has it now (an empty append answers it; an older
+        server's conversation does)."""
+        head = self._request(f"{self._run_path}/events", b"[]").get("head")
+        if not isinstance(head, int):
+            head = self._request("", None).get("head")
+        return head if isinstance(head, int) else None
 
     def start_run(self, content: str, model: str, exclusive: bool) -> str:
         body: dict[str, Any] = {"input": content, "exclusive": exclusive}
@@ -268,10 +343,12 @@ class HTTPTransport(Transport):
         cancel = False
         while self._stored < len(batches):
             batch = batches[self._stored]
-            path = f"{self._run_path}/events"
-            if batch and self._head is not None:
-                path += f"?expectedHead={self._head}"
-            answer = self._request(path, b"[" + b",".join(batch) + b"]")
+            body = b"[" + b",".join(batch) + b"]"
+            try:
+                answer = self._request(self._events_path(batch), body)
+            except _Conflict:  # the head moved under us: read it, send the batch there once
+                self._head = self._read_head()
+                answer = self._request(self._events_path(batch), body)
             head = answer.get("head")
             if isinstance(head, int):
                 self._head = head
@@ -279,6 +356,25 @@ class HTTPTransport(Transport):
             cancel = cancel or bool(answer.get("cancelRequested"))
         self._batches, self._stored = [], 0
         return cancel
+
+    def stored(self, bodies: list[bytes]) -> int | None:
+        if self._head is None or _request_batches(bodies) != self._batches:
+            return None
+        current = self._batches[self._stored]
+        answer = self._request(f"/events?after={self._head}&limit={len(current)}", None)
+        try:
+            events = msgspec.convert(answer, list[Event])
+        except msgspec.ValidationError:
+            return None
+        if _same_events(events, current):
+            return len(bodies) if self._stored == len(self._batches) - 1 else None
+        return 0 if self._stored == 0 else None
+
+    def _events_path(self, batch: list[bytes]) -> str:
+        path = f"{self._run_path}/events"
+        if batch and self._head is not None:
+            path += f"?expectedHead={self._head}"
+        return path
 
     def renew(self) -> bool:
         return self.append([])
