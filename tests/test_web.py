@@ -527,6 +527,28 @@ def test_thinking_collapses_when_it_ends_unless_the_person_toggled_it(blank_page
     expect(thinking.nth(1).get_by_test_id("thinking-text")).to_have_text("Second thoughts.")
 
 
+def test_a_publishers_stream_gap_is_shown_on_its_run(blank_page):
+    """CUSTOM stream_gap (a publisher that lost its server or events) says on the run what
+    is missing; a run without one shows no note."""
+    page = blank_page
+    events = crafted(
+        run_started(),
+        {
+            "type": "CUSTOM",
+            "name": "stream_gap",
+            "value": {"lost": 3, "unconfirmed": 0, "resumes": "run-1"},
+        },
+        {"type": "STEP_STARTED", "stepName": "llm-1", "metadata": {"attempt": 1}},
+        *text_message("m1", "the rest"),
+    )
+    page.evaluate("(events) => window.__costream.apply(events)", events)
+    gap = page.get_by_test_id("stream-gap")
+    expect(gap).to_have_text(
+        "The producer lost its server; this run continues the interrupted one: 3 events missing."
+    )
+    expect(page.get_by_test_id("content")).to_have_text("the rest")
+
+
 def test_retried_step_is_marked_abandoned_and_a_run_error_is_shown_in_place(blank_page):
     """The earlier attempt's output is marked abandoned; RUN_ERROR shows its message."""
     page = blank_page

@@ -65,6 +65,7 @@ export class ConversationModel {
       status, // running, success, cancelled, error, done (from a snapshot)
       steps: [],
       error: null,
+      gap: null, // {lost, unconfirmed, resumes}: a publisher's stream lost part of this run
       usage: null,
       costUsd: null,
       totalCostUsd: null,
@@ -243,6 +244,17 @@ const HANDLERS = {
   },
 
   CUSTOM(event) {
+    if (event.name === "stream_gap") {
+      const run = this.run(event);
+      const value = event.value ?? {};
+      const gap = run.gap ?? { lost: 0, unconfirmed: 0, resumes: null };
+      gap.lost += Number(value.lost) || 0;
+      gap.unconfirmed += Number(value.unconfirmed) || 0;
+      gap.resumes = gap.resumes ?? (typeof value.resumes === "string" ? value.resumes : null);
+      run.gap = gap;
+      this.touch(run);
+      return;
+    }
     if (event.name !== "step_retry") return;
     const run = this.run(event);
     const step = run.steps.at(-1);

@@ -51,6 +51,17 @@ export function formatUsage(usage) {
   return `${text})`;
 }
 
+/** A publisher's CUSTOM stream_gap, in words: what of this run's stream is missing. */
+export function describeGap(gap) {
+  const n = (v) => v.toLocaleString("en-US");
+  let text = gap.resumes
+    ? "The producer lost its server; this run continues the interrupted one"
+    : "Part of this run's stream was lost";
+  if (gap.lost) text += `: ${n(gap.lost)} ${gap.lost === 1 ? "event" : "events"} missing`;
+  if (gap.unconfirmed) text += `${gap.lost ? "," : ":"} ${n(gap.unconfirmed)} more may be`;
+  return `${text}.`;
+}
+
 function thoughtLabel(segment) {
   if (segment.open) return "Thinking…";
   if (segment.startedAt == null || segment.endedAt == null) return "Thoughts";
@@ -118,6 +129,8 @@ export class Renderer {
         const steps = el("div", { class: "steps" });
         const error = el("div", { class: "run-error", role: "alert", "data-testid": "run-error" });
         const footer = el("footer", { class: "run-footer", "data-testid": "run-footer" });
+        const gap = el("div", { class: "run-gap", role: "note", "data-testid": "stream-gap" });
+        gap.hidden = true;
         error.hidden = true;
         footer.hidden = true;
         const article = el(
@@ -125,11 +138,12 @@ export class Renderer {
           { class: "run", "data-testid": "run" },
           sender,
           user,
+          gap,
           steps,
           error,
           footer,
         );
-        return { el: article, user, sender, senderName, steps, error, footer, version: 0 };
+        return { el: article, user, sender, senderName, gap, steps, error, footer, version: 0 };
       }
       case "step": {
         const note = el("div", { class: "step-note", "data-testid": "step-retry" });
@@ -269,6 +283,8 @@ export class Renderer {
       view.steps,
       run.steps.map((step) => this.ensure(step).el),
     );
+    view.gap.hidden = run.gap === null;
+    if (run.gap) view.gap.textContent = describeGap(run.gap);
     view.error.hidden = run.error === null;
     if (run.error) {
       view.error.replaceChildren(
