@@ -14,8 +14,6 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import pytest
-
 from costream import lifecycle
 from costream.agent.storage import durably
 from costream.agent.tools import Workspace

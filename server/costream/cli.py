@@ -38,6 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         flush_ms=args.flush_ms,
         model=args.model,
         allowed_origins=origins,
+        metrics_listen=args.metrics_listen,
     )
     if args.memory:
         settings = replace(settings, data_dir=None)
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allowed-origins", default=None, help="comma-separated origins allowed to connect"
     )
     serve.add_argument("--workers", type=int, default=1, help="processes (needs Redis)")
+    serve.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /metrics there instead of on the main port (default COSTREAM_METRICS_LISTEN)",
+    )
     serve.set_defaults(handler=_serve)
 
     new = commands.add_parser("new", help="create a conversation and print its links")

@@ -161,9 +161,7 @@ class Settings:
             log_retain_bytes=_env_int("COSTREAM_LOG_RETAIN_BYTES", cls.log_retain_bytes),
             max_run_bytes=_env_int("COSTREAM_MAX_RUN_BYTES", cls.max_run_bytes),
             max_event_bytes=_env_int("COSTREAM_MAX_EVENT_BYTES", cls.max_event_bytes),
-            recent_frames_bytes=_env_int(
-                "COSTREAM_RECENT_FRAMES_BYTES", cls.recent_frames_bytes
-            ),
+            recent_frames_bytes=_env_int("COSTREAM_RECENT_FRAMES_BYTES", cls.recent_frames_bytes),
             max_history_bytes=_env_int("COSTREAM_MAX_HISTORY_BYTES", cls.max_history_bytes),
             conversation_ttl_s=_env_float("COSTREAM_CONVERSATION_TTL_S", cls.conversation_ttl_s),
             header_timeout_s=_env_float("COSTREAM_HEADER_TIMEOUT_S", cls.header_timeout_s),

@@ -5,7 +5,9 @@ A few counters, gauges and histograms kept in plain Python: one process, no lock
 a directory (:class:`SharedMetrics`): each writes its values there every
 ``SHARE_INTERVAL_S``, and ``/metrics`` on any worker answers for all of them, its own
 values live and the others' as last written. A worker that exits keeps its counters and
-histograms in the sum (they only ever grow); its gauges leave it.
+histograms in the sum (they only ever grow); its gauges leave it. With
+``--metrics-listen``, the parent process answers instead, for all the workers as last
+written (:func:`written_total`).
 """
 
 from __future__ import annotations
@@ -178,14 +180,7 @@ class SharedMetrics:
         """This process's values now, plus every other worker's as last written."""
         total = Metrics()
         total.add_values(self.metrics.values(), gauges=True)
-        for path in self.directory.glob("*.json"):
-            if not path.stem.isdigit() or int(path.stem) == self.pid:
-                continue
-            try:
-                values = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # being replaced, or gone: the next scrape has it
-            total.add_values(values, gauges=_alive(int(path.stem)))
+        add_written(total, self.directory, skip_pid=self.pid)
         return total
 
     def write(self) -> None:
@@ -207,6 +202,27 @@ class SharedMetrics:
         finally:
             with contextlib.suppress(OSError):
                 self.write()
+
+
+def add_written(total: Metrics, directory: Path, skip_pid: int | None = None) -> None:
+    """Add to ``total`` the values every worker last wrote in ``directory`` (but
+    ``skip_pid``'s): counters and histograms of all, gauges of the living only."""
+    for path in directory.glob("*.json"):
+        if not path.stem.isdigit() or int(path.stem) == skip_pid:
+            continue
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced, or gone: the next scrape has it
+        total.add_values(values, gauges=_alive(int(path.stem)))
+
+
+def written_total(directory: Path) -> str:
+    """The metrics of all the workers that write to ``directory``, rendered: what the
+    parent of ``--workers`` serves on ``--metrics-listen``."""
+    total = Metrics()
+    add_written(total, directory)
+    return total.render()
 
 
 def _alive(pid: int) -> bool:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _MAINTENANCE_S = 2.0
 _MAINTENANCE_PAGE = 16  # conversations whose calls go out together (2 pooled connections each)
+_EXPIRE_PAGE = 100  # idle conversations deleted per sweep at most
 
 
 def web_dir() -> Path:
@@ -48,18 +49,36 @@ def web_dir() -> Path:
 def make_broker(settings: Settings) -> Broker:
     """Redis with a URL; else SQLite in the data directory, locked and opened now (so a
     directory in use or an unreadable database stops the start with ``DataDirError``);
-    else, with no data directory, memory."""
+    else, with no data directory, memory. Each gets the settings' retention, run size
+    and idle TTL limits."""
     if settings.redis_url:
         from costream.broker.redis.broker import RedisBroker
 
-        return RedisBroker(settings.redis_url, log_retain=settings.log_retain)
+        return RedisBroker(
+            settings.redis_url,
+            settings.log_retain,
+            log_retain_bytes=settings.log_retain_bytes,
+            max_run_bytes=settings.max_run_bytes,
+            conversation_ttl_s=settings.conversation_ttl_s,
+        )
     if settings.data_dir is not None:
-        broker = SqliteBroker(Path(settings.data_dir), log_retain=settings.log_retain)
+        broker = SqliteBroker(
+            Path(settings.data_dir),
+            settings.log_retain,
+            log_retain_bytes=settings.log_retain_bytes,
+            max_run_bytes=settings.max_run_bytes,
+            conversation_ttl_s=settings.conversation_ttl_s,
+        )
         broker.open()
         return broker
     from costream.broker.memory import MemoryBroker
 
-    return MemoryBroker(log_retain=settings.log_retain)
+    return MemoryBroker(
+        settings.log_retain,
+        log_retain_bytes=settings.log_retain_bytes,
+        max_run_bytes=settings.max_run_bytes,
+        conversation_ttl_s=settings.conversation_ttl_s,
+    )
 
 
 def _say_where_data_lives(settings: Settings) -> None:
@@ -98,10 +117,28 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 
 async def _maintain(services: Services) -> None:
-    """Keep local viewers counted, and end runs whose producer died (lease expired)."""
+    """Keep local viewers counted, end runs whose producer died (lease expired), and
+    delete conversations idle past ``conversation_ttl_s`` (embedded brokers; Redis
+    expires their keys by itself)."""
     while True:
         await asyncio.sleep(_MAINTENANCE_S)
         await _maintain_once(services)
+        await _expire_idle(services)
+
+
+async def _expire_idle(services: Services) -> None:
+    """One page of idle conversations deleted (bounded work per sweep; the next sweep
+    goes on where this one stopped)."""
+    try:
+        expired = await services.broker.expire_idle(_EXPIRE_PAGE)
+    except StorageUnavailable:
+        log.warning("maintenance: storage unavailable for expiring idle conversations")
+    except Exception:
+        log.exception("maintenance: expiring idle conversations failed; will retry")
+    else:
+        if expired:
+            ttl = services.settings.conversation_ttl_s
+            log.info("deleted %d conversation(s) idle for %g s", expired, ttl)
 
 
 async def _maintain_once(services: Services) -> None:
@@ -194,7 +231,7 @@ def create_app(settings: Settings) -> Starlette:
     broker = make_broker(settings)
     store = Store(broker)
     metrics_registry = Metrics()
-    hub = Hub(broker, metrics_registry)
+    hub = Hub(broker, metrics_registry, recent_frames_bytes=settings.recent_frames_bytes)
     services = Services(
         settings=settings,
         broker=broker,
@@ -238,7 +275,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/c/{conversation_id}", page),
         Route("/healthz", api.healthz),
         Route("/readyz", api.readyz),
-        Route("/metrics", api.metrics),
+        # With --metrics-listen, /metrics has a listener of its own (serve.py), not this port.
+        *([Route("/metrics", api.metrics)] if settings.metrics_listen is None else []),
         Route("/api/conversations", api.create_conversation, methods=["POST"]),
         Route(conversation, api.get_conversation),
         Route(f"{conversation}/links", api.get_links),

@@ -1,11 +1,12 @@
 """What the server's handlers share: the process's services, HTTP errors, authorization.
 
-HTTP checks run in PROTOCOL.md's order: 429 (per-client rate), 404, 401, 403, 413, 400,
-409, 429 (runs per process) (a conversation's existence is not a secret; its content is).
+HTTP checks run in PROTOCOL.md's order: 429 (per-client rate), 404, 401, 403, 413, 415, 408,
+400, 409, 429 (runs per process) (a conversation's existence is not a secret; its content is).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -142,9 +143,9 @@ def _is_json(content_type: str) -> bool:
 
 
 async def read_json_body(request: Request, limit: int) -> Any:
-    """The JSON body, at most ``limit`` bytes (413), sent as JSON (415), decoded (400:
-    malformed, nested deeper than ``bodies.MAX_JSON_DEPTH``, lone surrogates, numbers out
-    of range). Requiring a JSON content type keeps cross-site ``text/plain`` posts, which
+    """The JSON body, at most ``limit`` bytes (413), sent as JSON (415), within
+    ``body_timeout_s`` (408, and the connection closes), decoded (400: malformed, nested
+    deeper than ``bodies.MAX_JSON_DEPTH``, lone surrogates, numbers out of range). Requiring a JSON content type keeps cross-site ``text/plain`` posts, which
     a browser sends without asking, from acting on the API."""
     declared = request.headers.get("content-length")
     too_large = HTTPError(413, "too_large", f"body larger than {limit} bytes")
@@ -158,15 +159,25 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise HTTPError(415, "unsupported_media_type", "send the body as application/json")
     body = bytearray()
     received = 0
+    timeout_s = services_of(request).settings.body_timeout_s
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > 4 * limit:
-                raise too_large
-            if received <= limit:
-                body += chunk
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > 4 * limit:
+                    raise too_large
+                if received <= limit:
+                    body += chunk
     except ClientDisconnect:
         raise HTTPError(400, "bad_request", "the client left before the body ended") from None
+    except TimeoutError:
+        # The rest of the body may still come: the connection cannot serve another request.
+        raise HTTPError(
+            408,
+            "request_timeout",
+            f"the body did not arrive within {timeout_s:g} s",
+            {"Connection": "close"},
+        ) from None
     # A body a little over the limit is read to its end before the 413, so that the
     # client, still sending, gets the answer instead of a broken pipe.
     if received > limit:

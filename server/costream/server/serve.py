@@ -6,7 +6,10 @@ runs N such processes on one socket, and each worker is the same server: its log
 configured, its log records scrubbed of the settings' secrets before any handler sees
 them, its viewers closed with 1001 on SIGTERM, and its ``/metrics`` answering for all the
 workers (added up through a directory the parent makes, see ``metrics.SharedMetrics``).
-They share nothing else but Redis.
+They share nothing else but Redis. Every connection's request headers and body must
+arrive in time (``timeouts.TimedH11Protocol``); with ``--metrics-listen``, ``/metrics``
+has a listener of its own (``metrics_listener``): in the single process's loop, or in
+the parent of the workers, adding up what they write.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ from typing import TYPE_CHECKING, Any
 from starlette.applications import Starlette
 
 from costream.config import Settings
-from costream.metrics import SharedMetrics
+from costream.metrics import SharedMetrics, written_total
+from costream.server import metrics_listener
 from costream.server.app import create_app
 from costream.server.deps import Services
+from costream.server.metrics_listener import MetricsListener, serve_in_thread
+from costream.server.timeouts import TimedH11Protocol
 
 if TYPE_CHECKING:
     import uvicorn
@@ -52,6 +58,7 @@ def app_from_env() -> Starlette:
     # A worker is a fresh interpreter (uvicorn spawns it): the parent's logging set-up
     # and record factory are not inherited.
     configure_logging(settings)
+    TimedH11Protocol.configure(settings.header_timeout_s, settings.body_timeout_s)
     app = create_app(settings)
     services: Services = app.state.services
     services.on_started.append(lambda: _close_viewers_first_on_signals(None, services))
@@ -76,7 +83,7 @@ def _keep_writing(shared: SharedMetrics) -> None:
     _background.add(asyncio.get_running_loop().create_task(shared.run()))
 
 
-_background: set[asyncio.Task[None]] = set()  # tasks referenced until the process ends
+_background: set[asyncio.Task[Any]] = set()  # tasks referenced until the process ends
 
 
 def serve(settings: Settings, workers: int = 1) -> None:
@@ -100,7 +107,11 @@ def serve(settings: Settings, workers: int = 1) -> None:
         "log_level": "info",
         # The loop asyncio.run makes (the single process runs uvicorn.Server.serve in it).
         "loop": "asyncio",
+        # uvicorn's h11 protocol with header and body read timeouts (timeouts.py).
+        "http": TimedH11Protocol,
     }
+    TimedH11Protocol.configure(settings.header_timeout_s, settings.body_timeout_s)
+    metrics_socket = _bind_metrics(settings)
     if workers > 1:
         if not settings.redis_url:
             raise SystemExit("--workers needs Redis (--redis-url): processes share nothing else")
@@ -114,13 +125,47 @@ def serve(settings: Settings, workers: int = 1) -> None:
         )
         with tempfile.TemporaryDirectory(prefix="costream-metrics-") as metrics_dir:
             os.environ[_METRICS_DIR_ENV] = metrics_dir
-            Multiprocess(config, sockets=[_listen(config, settings)]).run()
+            stop_metrics = None
+            if metrics_socket is not None:
+                # The parent answers for all the workers, from what they write.
+                listener = MetricsListener(
+                    lambda: written_total(Path(metrics_dir)), settings.header_timeout_s
+                )
+                stop_metrics = serve_in_thread(listener, metrics_socket)
+            try:
+                Multiprocess(config, sockets=[_listen(config, settings)]).run()
+            finally:
+                if stop_metrics is not None:
+                    stop_metrics()
     else:
         app = create_app(settings)
         config = uvicorn.Config(app, **options)
         server = uvicorn.Server(config)
         services: Services = app.state.services
+        if metrics_socket is not None:
+            listener = MetricsListener(services.metrics.render, settings.header_timeout_s)
+            services.on_started.append(lambda: _keep_serving(listener, metrics_socket))
         asyncio.run(_serve_gracefully(server, [_listen(config, settings)], services))
+
+
+def _bind_metrics(settings: Settings) -> socket.socket | None:
+    """The ``--metrics-listen`` socket, bound before anything starts (a wrong address
+    stops the start with a clear message); None without the option."""
+    if settings.metrics_listen is None:
+        return None
+    try:
+        return metrics_listener.bind(settings.metrics_listen)
+    except ValueError as error:
+        raise SystemExit(f"costream serve: {error}") from None
+    except OSError as error:
+        raise SystemExit(
+            f"costream serve: cannot listen on {settings.metrics_listen} for /metrics: {error}"
+        ) from None
+
+
+def _keep_serving(listener: MetricsListener, sock: socket.socket) -> None:
+    # In the server's loop, from the app's start-up; cancelled when that loop ends.
+    _background.add(asyncio.get_running_loop().create_task(listener.serve(sock)))
 
 
 def redact_secrets_in_logs(secrets: list[str]) -> None:
