@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ import pytest
 from costream import protocol
 from costream.broker import RunLease
 from costream.broker.memory import MemoryBroker
+from costream.config import Settings
 from costream.metrics import Metrics
 from costream.server.hub import FellBehind, Follower, Hub, ViewerQueue
 from costream.store import mint_id
@@ -182,3 +184,56 @@ async def test_viewer_arriving_while_the_last_one_leaves_stays_subscribed() -> N
     await broker.append(lease, [_delta(1)])
     assert [json.loads(frame)["seq"] for frame in arriving.frames] == [2]
     await broker.close()
+
+
+async def test_recent_frames_of_a_conversation_stay_within_their_byte_bound() -> None:
+    """Large frames: the hub's cache of recent frames keeps at most recent_frames_bytes,
+    the newest ones, and still serves a catch-up from them."""
+    broker = MemoryBroker(log_retain=50)
+    limit = Settings().recent_frames_bytes
+    hub = Hub(broker, Metrics())  # its default bound is the setting's
+    await broker.start(hub.on_frame, hub.on_resync)
+    conversation_id, lease = await _run(hub)
+    big = "x" * (128 * 1024)
+    frames = [protocol.encode(protocol.TextMessageContent(message_id="m", delta=big))] * 80
+    async with Follower(hub, conversation_id, 0, queue_size=1000):
+        for frame in frames:
+            await broker.append(lease, [frame])
+        cached = next(
+            texts
+            for after in range(1, 82)
+            if (texts := hub.recent_after(conversation_id, after, 1000)) is not None
+        )
+        assert 0 < sum(len(text.encode()) for text in cached) <= limit
+        assert json.loads(cached[-1])["seq"] == 81  # the newest are kept
+        assert hub.recent_bytes(conversation_id) <= limit
+    await broker.close()
+
+
+async def test_waiting_follower_takes_live_frames_at_once_in_order(hub: Hub) -> None:
+    """A caught-up follower with a sender gets live frames through it, in order and once
+    each, without its writer waking; a frame after a hole goes through the log instead."""
+    conversation_id, lease = await _run(hub)
+    sent: list[int] = []
+    async with Follower(hub, conversation_id, 0, queue_size=100) as follower:
+        assert await _drain(follower, 1) == [1]
+        follower.send_at_once(lambda frame: sent.append(json.loads(frame)["seq"]))
+        writer = asyncio.create_task(follower.next_batch(timeout=30))
+        await asyncio.sleep(0)  # the writer parks in its wait
+        for i in range(10):
+            await hub.broker.append(lease, [_delta(i)])
+        assert sent == list(range(2, 12))
+        assert not writer.done()  # no wake-up per frame
+        # Seq 12 lost on the way while the writer was busy: seq 13 is not sent at once,
+        # the writer reads 12 and 13 from the log.
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        await hub.broker.append(lease, [_delta(10)])
+        follower.queue.frames.clear()
+        writer = asyncio.create_task(follower.next_batch(timeout=30))
+        await asyncio.sleep(0)
+        await hub.broker.append(lease, [_delta(11)])
+        batch = await asyncio.wait_for(writer, 5)
+        assert [json.loads(frame)["seq"] for frame in batch] == [12, 13]
+        assert sent == list(range(2, 12))

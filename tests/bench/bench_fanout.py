@@ -89,9 +89,15 @@ class Outcome:
     delivered_per_s: float
     cpu: dict[str, float]
     wall_s: float
+    frames: int  # logged frames the viewers received (resumes included)
+    server_cpu_s: float  # CPU seconds of the system's two server processes
 
     def p(self, fraction: float) -> float:
         return benchlib.percentile(self.latencies_ms, fraction)
+
+    def cpu_us_per_frame(self) -> float:
+        """Server CPU per frame delivered to a viewer, in microseconds."""
+        return self.server_cpu_s / self.frames * 1e6 if self.frames else float("nan")
 
 
 async def setup(compression: bool) -> Rig:
@@ -173,8 +179,11 @@ async def measure(
         took = await fanout.produce_paced(producer, tokens, rate, merge_ms)
     else:
         took = await fanout.produce_fast(producer, tokens, batch)
-    results = await asyncio.gather(*(v.wait_result(deadline + 60) for v in viewer_processes))
+    # The meter covers delivery: from the first token to the last viewer's END, not the
+    # joins before it nor the closes after it.
+    await asyncio.gather(*(v.wait_watched(deadline + 60) for v in viewer_processes))
     meter.stop()
+    results = await asyncio.gather(*(v.wait_result(60) for v in viewer_processes))
     latencies: list[float] = []
     for viewer in viewer_processes:
         latencies += (value / 1e6 for value in viewer.latencies())
@@ -212,6 +221,8 @@ async def measure(
         delivered_per_s=delivered,
         cpu=cpu,
         wall_s=meter.wall,
+        frames=sum(r["frames"] for r in results),
+        server_cpu_s=sum(meter.used[n] for n in pids if n.startswith("server")),
     )
 
 
@@ -281,6 +292,7 @@ async def part_a(rig: Rig, args: argparse.Namespace) -> None:
                 "resumed",
                 "connect s",
                 "CPU servers",
+                "server CPU us/frame",
                 "CPU redis",
                 "CPU viewer procs",
                 "CPU producer",
@@ -302,6 +314,10 @@ async def part_a(rig: Rig, args: argparse.Namespace) -> None:
             # Each repetition's ratio is taken within that repetition (the same machine load).
             p99 = [m.p(0.99) / r.p(0.99) for m, r in zip(mine, reference, strict=True)]
             p50 = [m.p(0.5) / r.p(0.5) for m, r in zip(mine, reference, strict=True)]
+            cpu = [
+                m.cpu_us_per_frame() / r.cpu_us_per_frame()
+                for m, r in zip(mine, reference, strict=True)
+            ]
             ratio_rows.append(
                 [
                     system,
@@ -314,12 +330,16 @@ async def part_a(rig: Rig, args: argparse.Namespace) -> None:
                     statistics.median(m.p(0.5) for m in mine),
                     statistics.median(r.p(0.5) for r in reference),
                     statistics.median(p50),
+                    statistics.median(m.cpu_us_per_frame() for m in mine),
+                    statistics.median(r.cpu_us_per_frame() for r in reference),
+                    statistics.median(cpu),
                 ]
             )
     print(
         table(
             "(a) medians over the repetitions; ratios to the reference taken within each repetition",
-            ["system", "reference", "viewers", "runs", "p99", "ref p99", "p99 ratio", "p50", "ref p50", "p50 ratio"],
+            ["system", "reference", "viewers", "runs", "p99", "ref p99", "p99 ratio", "p50", "ref p50", "p50 ratio",
+             "CPU us/frame", "ref CPU us/frame", "CPU/frame ratio"],
             ratio_rows,
         )
     )  # fmt: skip
@@ -341,6 +361,7 @@ def row_a(outcome: Outcome) -> list[Any]:
         outcome.resumed,
         f"{outcome.connect_s:.1f}",
         pct(outcome.cpu["servers"]),
+        outcome.cpu_us_per_frame(),
         pct(outcome.cpu["redis"]),
         f"{pct(outcome.cpu['viewers'])} (max {pct(outcome.cpu['viewer_max'])})",
         pct(outcome.cpu["producer"]),
@@ -350,6 +371,7 @@ def row_a(outcome: Outcome) -> list[Any]:
 async def part_b(rig: Rig, args: argparse.Namespace) -> None:
     rows: list[list[Any]] = []
     rates: dict[tuple[str, int], list[float]] = {}
+    per_frame: dict[tuple[str, int], list[float]] = {}
     for viewers, tokens in zip(args.viewers_b, args.fast_tokens, strict=True):
         for _ in range(args.repeat_b):
             for system in ("reference", "costream"):
@@ -365,6 +387,7 @@ async def part_b(rig: Rig, args: argparse.Namespace) -> None:
                     resume=args.resume,
                 )
                 rates.setdefault((system, viewers), []).append(outcome.delivered_per_s)
+                per_frame.setdefault((system, viewers), []).append(outcome.cpu_us_per_frame())
                 loss = outcome.expected - outcome.received
                 rows.append(
                     [
@@ -378,6 +401,7 @@ async def part_b(rig: Rig, args: argparse.Namespace) -> None:
                         outcome.p(0.5),
                         outcome.p(0.99),
                         pct(outcome.cpu["servers"]),
+                        outcome.cpu_us_per_frame(),
                         pct(outcome.cpu["redis"]),
                         f"{pct(outcome.cpu['viewers'])} (max {pct(outcome.cpu['viewer_max'])})",
                         pct(outcome.cpu["producer"]),
@@ -404,6 +428,7 @@ async def part_b(rig: Rig, args: argparse.Namespace) -> None:
                 "p50 ms",
                 "p99 ms",
                 "CPU servers",
+                "server CPU us/frame",
                 "CPU redis",
                 "CPU viewer procs",
                 "CPU producer",
@@ -415,11 +440,31 @@ async def part_b(rig: Rig, args: argparse.Namespace) -> None:
     for viewers in args.viewers_b:
         mine = statistics.median(rates[("costream", viewers)])
         reference = statistics.median(rates[("reference", viewers)])
-        ratio_rows.append([viewers, mine, reference, mine / reference])
+        cpu_mine = statistics.median(per_frame[("costream", viewers)])
+        cpu_reference = statistics.median(per_frame[("reference", viewers)])
+        ratio_rows.append(
+            [
+                viewers,
+                mine,
+                reference,
+                mine / reference,
+                cpu_mine,
+                cpu_reference,
+                cpu_mine / cpu_reference,
+            ]
+        )
     print(
         table(
-            "(b) median delivered frames/s, costream / reference, same run",
-            ["viewers", "costream", "reference", "ratio"],
+            "(b) median delivered frames/s and server CPU per delivered frame, costream / reference, same run",
+            [
+                "viewers",
+                "costream",
+                "reference",
+                "ratio",
+                "CPU us/frame",
+                "ref CPU us/frame",
+                "CPU/frame ratio",
+            ],
             ratio_rows,
         )
     )

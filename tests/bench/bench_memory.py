@@ -74,13 +74,16 @@ async def main(args: argparse.Namespace) -> None:
     try:
         _, redis_url = benchlib.start_redis(work)
         env = {"COSTREAM_MAX_VIEWERS": "5000"}
-        for compression in (True, False):
+        starters = {
+            "costream-redis": lambda: ("costream (redis)", *benchlib.start_costream(work, redis_url, env)),
+            "costream-memory": lambda: ("costream (memory)", *benchlib.start_costream(work, None, env)),
+            "reference": lambda: ("reference", *benchlib.start_reference(work, redis_url)),
+        }  # fmt: skip
+        for compression in [
+            c for c in (True, False) if args.deflate in ("both", "on" if c else "off")
+        ]:
             # Fresh processes for each setting: freed memory stays in a process's RSS.
-            systems = [
-                ("costream (redis)", *benchlib.start_costream(work, redis_url, env)),
-                ("costream (memory)", *benchlib.start_costream(work, None, env)),
-                ("reference", *benchlib.start_reference(work, redis_url)),
-            ]
+            systems = [starters[name]() for name in args.systems]
             for system, child, url in systems:
                 rows.append(await measure(work, child.pid, url, system, args.viewers, compression))
                 print(f"  done: {system}, deflate {compression}", flush=True)
@@ -100,6 +103,13 @@ async def main(args: argparse.Namespace) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--viewers", type=int, default=1000)
+    parser.add_argument("--deflate", choices=("both", "on", "off"), default="both")
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        choices=("costream-redis", "costream-memory", "reference"),
+        default=["costream-redis", "costream-memory", "reference"],
+    )
     return parser.parse_args()
 
 

@@ -265,6 +265,9 @@ def start_costream(
     child = work.spawn(f"costream-{port}", args, base_env(**(unlimited | (env or {}))))
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_ok(f"{url}/healthz"), 60, "costream serve", child)
+    # And warm (LiteLLM imported in a thread after start-up): that import's CPU and memory
+    # would otherwise land in whatever is measured first.
+    wait_until(lambda: http_ok(f"{url}/readyz"), 120, "costream serve ready", child)
     return child, url
 
 

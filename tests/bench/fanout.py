@@ -212,6 +212,12 @@ class ViewerProcess:
                     self.connect_s = float(line.split()[2])
                     return
 
+    async def wait_watched(self, timeout: float) -> None:
+        """Until its viewers saw the END token (or the deadline passed), before they close."""
+        async with asyncio.timeout(timeout):
+            while not (await self._line()).startswith("WATCHED"):
+                pass
+
     async def wait_result(self, timeout: float) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             while True:

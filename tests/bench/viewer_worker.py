@@ -4,7 +4,8 @@ Started by ``bench_fanout.py`` (and ``bench_memory.py``), not by hand. Reads a J
 from argv[1]: ``{"targets": [{"wsUrl", "conversationId", "token", "count"}], "deadlineS",
 "compression", "latencies", "resume"}``. It connects every viewer (``hello`` with
 ``lastSeq`` 0, waits for ``welcome``), prints ``READY <n>``, then receives until each viewer
-saw the ``END`` token or the deadline passed, and prints one ``RESULT {json}`` line.
+saw the ``END`` token or the deadline passed, prints ``WATCHED`` (the end of delivery, where
+the benchmark stops its CPU meters), closes its viewers and prints one ``RESULT {json}`` line.
 
 With ``resume`` (the default) a viewer does what PROTOCOL.md asks of a client when the
 server closes it with 1001, 1011, 1012, 4000 or 4008, or the connection drops: it
@@ -196,6 +197,9 @@ async def run(plan: dict[str, Any]) -> tuple[dict[str, Any], array[int] | None]:
     for task in pending:
         task.cancel()
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    # Delivery is over: the benchmark stops its CPU meters here, before the closes (as it
+    # starts them after the joins), so "CPU per delivered frame" counts delivery only.
+    print("WATCHED", flush=True)
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
     cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     result = {

@@ -11,11 +11,12 @@ live tail" into one ordered stream:
   its own pace, then rejoins the live tail; only when what it needs was trimmed from the
   log does it fail with :class:`FellBehind` (close 4008).
 
-Two things keep the per-viewer cost flat as viewers pile in. Presence is not a log: the
-hub forwards at most one count per conversation per ``PRESENCE_INTERVAL_S`` and a queue
-keeps only the latest, so a thousand joins are not a million frames. And the hub keeps
-the last ``RECENT_FRAMES`` frames of each conversation it follows, so a viewer catching up
-after an overflow or a lost frame reads them from memory, not from the broker.
+Per-viewer cost stays flat as viewers pile in. Presence is not a log: at most one count
+per conversation per ``PRESENCE_INTERVAL_S``, and a queue keeps only the latest. The last
+``RECENT_FRAMES`` frames of a conversation (at most ``recent_frames_bytes``) stay in
+memory for catch-ups. A follower whose writer waits, caught up, takes live frames at once
+(:meth:`Follower.send_at_once`): the fan-out loop hands each to its sender, as a bare
+forwarder's loop does, with no task woken per frame and viewer.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import asyncio
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,6 +36,7 @@ from costream.protocol import seq_of, seq_of_text
 _LOG_PAGE: Final = 1000
 PRESENCE_INTERVAL_S: Final = 0.25
 RECENT_FRAMES: Final = 2048
+RECENT_FRAMES_BYTES: Final = 4 * 1024 * 1024  # Settings.recent_frames_bytes
 
 
 class FellBehind(Exception):
@@ -82,16 +84,26 @@ class ViewerQueue:
     lagging, and drops live frames until the follower has caught up from the log.
     """
 
+    # One per viewer, idle ones too: slots, and lists (an empty deque is 760 bytes).
+    __slots__ = (
+        "_active_at", "_idle_deadline", "_idle_timer", "_metrics", "_timeout", "_waiter",
+        "control", "direct", "frames", "interrupted", "lagging", "maxsize", "presence", "resync",
+    )  # fmt: skip
+
     def __init__(self, maxsize: int, metrics: Metrics) -> None:
         self.maxsize = maxsize
-        self.frames: deque[str] = deque()
-        self.control: deque[str] = deque()  # replies to this client: pong, accepted, error
+        self.frames: list[str] = []  # taken whole by the follower
+        self.control: list[str] = []  # replies to this client: pong, accepted, error
         self.presence: str | None = None  # the latest presence frame not yet sent
         self.lagging = False
         self.resync = False
+        self.interrupted = False  # the writer must look at its sender (``interrupt``)
+        self.direct: Callable[[str, int], bool] | None = None
         self._metrics = metrics
         self._waiter: asyncio.Future[bool] | None = None  # the follower waiting in ``wait``
+        self._timeout = 0.0  # of the current ``wait``
         self._idle_deadline = 0.0  # when the current ``wait`` times out
+        self._active_at = 0.0  # loop time of the last frame taken by ``direct``
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def _wake(self) -> None:
@@ -101,9 +113,17 @@ class ViewerQueue:
             if not waiter.done():
                 waiter.set_result(True)
 
-    def offer(self, frame: str) -> None:
+    def offer(self, frame: str, seq: int = -1, now: float = 0.0) -> None:
+        """Queue a live frame (``seq`` its seq, ``now`` the loop time), or hand it to
+        ``direct`` when the writer waits with nothing queued."""
         if self.lagging:
             return
+        # The follower's way to send at once, while its writer waits with nothing queued.
+        direct = self.direct
+        if direct is not None and self._waiter is not None and not self.frames:
+            if direct(frame, seq):
+                self._active_at = now
+                return
         if len(self.frames) >= self.maxsize:
             # Never block the fan-out on one viewer: switch it to the log instead.
             self.frames.clear()
@@ -111,8 +131,7 @@ class ViewerQueue:
             self._metrics.catch_ups.inc()
         else:
             self.frames.append(frame)
-        if self._waiter is not None:
-            self._wake()
+        self._wake()
 
     def offer_presence(self, frame: str) -> None:
         """Replace any presence frame still waiting: only the latest count matters."""
@@ -123,6 +142,11 @@ class ViewerQueue:
         self.control.append(frame)
         self._wake()
 
+    def interrupt(self) -> None:
+        """Wake the writer for its sender's sake (a send to finish, or an error)."""
+        self.interrupted = True
+        self._wake()
+
     def mark_resync(self) -> None:
         """Frames may have been lost upstream: check the log."""
         self.resync = True
@@ -130,11 +154,14 @@ class ViewerQueue:
 
     async def wait(self, timeout: float) -> bool:
         """Wait until something is queued; False on timeout."""
-        if self.frames or self.control or self.presence or self.lagging or self.resync:
+        if self.frames or self.control or self.presence or self.lagging or self.interrupted:
+            return True
+        if self.resync:
             return True
         # Called once per frame per viewer: no asyncio.timeout (a timer scheduled and
         # cancelled each time) but one idle timer per queue, moved on only when it fires.
         loop = asyncio.get_running_loop()
+        self._timeout = timeout
         deadline = self._idle_deadline = loop.time() + timeout
         timer = self._idle_timer
         if timer is None or timer.when() > deadline:
@@ -155,14 +182,17 @@ class ViewerQueue:
         if waiter is None or waiter.done():
             return  # not waiting: the next ``wait`` arms the timer again
         loop = waiter.get_loop()
-        if loop.time() >= self._idle_deadline:
+        # Frames sent at once count as activity: idle means nothing sent for ``timeout``.
+        deadline = max(self._idle_deadline, self._active_at + self._timeout)
+        if loop.time() >= deadline:
             self._waiter = None
             waiter.set_result(False)
         else:
-            self._idle_timer = loop.call_at(self._idle_deadline, self._on_idle_timer)
+            self._idle_timer = loop.call_at(deadline, self._on_idle_timer)
 
     def close(self) -> None:
         """Drop the idle timer (the follower is gone)."""
+        self.direct = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -181,12 +211,17 @@ class _ConversationLock:
 class Hub:
     """One process's subscriptions, shared by all its followers of each conversation."""
 
-    def __init__(self, broker: Broker, metrics: Metrics) -> None:
+    def __init__(
+        self, broker: Broker, metrics: Metrics, *, recent_frames_bytes: int = RECENT_FRAMES_BYTES
+    ) -> None:
         self.broker = broker
         self.metrics = metrics
+        self.recent_frames_bytes = recent_frames_bytes
         self._queues: dict[str, set[ViewerQueue]] = {}
         self._locks: dict[str, _ConversationLock] = {}  # only while held or awaited
-        self._recent: dict[str, deque[tuple[int, str]]] = {}
+        # Per conversation: (seq, text, bytes) of the latest contiguous frames; their size.
+        self._recent: dict[str, deque[tuple[int, str, int]]] = {}
+        self._recent_size: dict[str, int] = {}
         self._presence: dict[str, str] = {}  # latest count not yet forwarded
         self._presence_timer: asyncio.TimerHandle | None = None
 
@@ -207,12 +242,25 @@ class Hub:
                 loop = asyncio.get_running_loop()
                 self._presence_timer = loop.call_later(PRESENCE_INTERVAL_S, self._send_presence)
             return
+        self._remember(conversation_id, seq, text, len(frame))
+        now = asyncio.get_running_loop().time()
+        for queue in queues:
+            queue.offer(text, seq, now)
+
+    def _remember(self, conversation_id: str, seq: int, text: str, size: int) -> None:
+        """Keep a frame in the conversation's ring, within both bounds (frames, bytes)."""
         recent = self._recent[conversation_id]
+        total = self._recent_size[conversation_id]
         if recent and recent[-1][0] + 1 != seq:
             recent.clear()  # a hole: the ring only ever holds contiguous frames
-        recent.append((seq, text))
-        for queue in queues:
-            queue.offer(text)
+            total = 0
+        limit = self.recent_frames_bytes
+        while recent and (len(recent) >= RECENT_FRAMES or total + size > limit):
+            total -= recent.popleft()[2]
+        if size <= limit:
+            recent.append((seq, text, size))
+            total += size
+        self._recent_size[conversation_id] = total
 
     def _send_presence(self) -> None:
         self._presence_timer = None
@@ -228,12 +276,16 @@ class Hub:
         if not recent or not recent[0][0] <= after_seq + 1 <= recent[-1][0] + 1:
             return None
         start = after_seq + 1 - recent[0][0]
-        return [text for _, text in itertools.islice(recent, start, start + limit)]
+        return [text for _, text, _ in itertools.islice(recent, start, start + limit)]
+
+    def recent_bytes(self, conversation_id: str) -> int:  # the size of the frames in the ring
+        return self._recent_size.get(conversation_id, 0)
 
     def on_resync(self, conversation_id: str) -> None:
         """Broker listener: the subscription broke and was re-established."""
         if conversation_id in self._recent:
             self._recent[conversation_id].clear()  # frames may be missing after its end
+            self._recent_size[conversation_id] = 0
         for queue in self._queues.get(conversation_id, ()):
             queue.mark_resync()
 
@@ -262,7 +314,8 @@ class Hub:
             if queues is None:
                 await self.broker.subscribe(conversation_id)
                 queues = self._queues[conversation_id] = set()
-                self._recent[conversation_id] = deque(maxlen=RECENT_FRAMES)
+                self._recent[conversation_id] = deque()
+                self._recent_size[conversation_id] = 0
             queues.add(queue)
 
     async def detach(self, conversation_id: str, queue: ViewerQueue) -> None:
@@ -275,17 +328,15 @@ class Hub:
             if not queues:
                 del self._queues[conversation_id]
                 del self._recent[conversation_id]
+                del self._recent_size[conversation_id]
                 self._presence.pop(conversation_id, None)
                 await self.broker.unsubscribe(conversation_id)
 
 
 class Follower:
-    """The frames of one conversation after ``last_sent``, in seq order, then live.
-
-    Use as ``async with Follower(...) as follower`` and call :meth:`next_batch` in a loop.
-    Presence frames are passed through (``logged_only=False``) and control replies come
-    first.
-    """
+    """The frames of one conversation after ``last_sent``, in seq order, then live: use as
+    ``async with Follower(...)``, call :meth:`next_batch` in a loop. Presence frames pass
+    through (``logged_only=False``); control replies come first."""
 
     def __init__(
         self,
@@ -302,6 +353,7 @@ class Follower:
         self.queue = ViewerQueue(queue_size, hub.metrics)
         self.logged_only = logged_only
         self._needs_log = True
+        self._sender: Callable[[str], None] | None = None
 
     async def __aenter__(self) -> Follower:
         await self.hub.attach(self.conversation_id, self.queue)
@@ -311,12 +363,32 @@ class Follower:
         self.queue.close()
         await self.hub.detach(self.conversation_id, self.queue)
 
+    def send_at_once(self, sender: Callable[[str], None] | None) -> None:
+        """While :meth:`next_batch` waits with nothing queued, hand the next live frame
+        straight to ``sender`` (called from the fan-out loop; it must not block, and calls
+        ``queue.interrupt()`` when the writer has to finish the send). None: stop."""
+        self._sender = sender
+        self.queue.direct = None if sender is None else self._take_at_once
+
+    def _take_at_once(self, frame: str, seq: int) -> bool:
+        sender = self._sender
+        if sender is None or seq != self.last_sent + 1 or self._needs_log:
+            return False  # a hole, or the log is due: the writer sorts it out
+        self.last_sent = seq
+        sender(frame)
+        return True
+
     async def next_batch(self, timeout: float) -> list[str]:
-        """The next frames to send, in order; [] when nothing came within ``timeout``."""
+        """The next frames to send, in order; [] when nothing came within ``timeout``,
+        or when the sender interrupted (``queue.interrupted`` tells which)."""
         queue = self.queue
         while True:
-            batch = list(queue.control)
-            queue.control.clear()
+            if queue.interrupted:
+                return []
+            if queue.control:
+                batch, queue.control = queue.control, []
+            else:
+                batch = []
             if queue.presence is not None:
                 if not self.logged_only:
                     batch.append(queue.presence)
@@ -330,17 +402,20 @@ class Follower:
                 if batch:
                     return batch
                 continue
-            while queue.frames:
-                frame = queue.frames.popleft()
-                seq = seq_of_text(frame)
-                if seq == self.last_sent + 1:
-                    self.last_sent = seq
-                    batch.append(frame)
-                elif seq > self.last_sent + 1:
-                    # A hole (a frame lost on the pub/sub path): the log has it.
-                    queue.frames.clear()
-                    self._needs_log = True
-                    break
+            frames = queue.frames
+            if frames:
+                queue.frames = []
+                last_sent = self.last_sent
+                for frame in frames:
+                    seq = seq_of_text(frame)
+                    if seq == last_sent + 1:
+                        last_sent = seq
+                        batch.append(frame)
+                    elif seq > last_sent + 1:
+                        # A hole (a frame lost on the pub/sub path): the log has it.
+                        self._needs_log = True
+                        break
+                self.last_sent = last_sent
             if batch:
                 return batch
             if self._needs_log:

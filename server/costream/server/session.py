@@ -38,7 +38,7 @@ from costream.protocol import (
 )
 from costream.server.guard import origin_allowed
 from costream.server.hub import FellBehind, Follower
-from costream.server.pacing import RateLimit, SendWatchdog
+from costream.server.pacing import RateLimit, SendAtOnce, SendWatchdog
 from costream.store import mint_id
 
 if TYPE_CHECKING:
@@ -62,6 +62,11 @@ class Close(Exception):
 
 class ViewerSession:
     """Serves one WebSocket client of one conversation."""
+
+    __slots__ = (
+        "conversation_id", "follower", "frames", "messages", "name", "presence_told", "role",
+        "services", "settings", "viewer_id", "websocket",
+    )  # fmt: skip
 
     def __init__(self, services: Services, websocket: WebSocket, conversation_id: str) -> None:
         self.services = services
@@ -237,14 +242,32 @@ class ViewerSession:
     async def _writer(self) -> None:
         assert self.follower is not None
         follower = self.follower
+        queue = follower.queue
         sent = self.services.metrics.frames_sent
         heartbeat_s = self.settings.heartbeat_s
+
+        def stuck() -> None:
+            follower.send_at_once(None)
+            queue.interrupt()
+
+        # Live frames go out from the fan-out loop while this task waits (no wake-up per
+        # frame); only what cannot be sent at once comes through here.
+        at_once = SendAtOnce(self.websocket.send, sent, stuck)
         try:
             async with asyncio.timeout(None) as deadline:
                 watchdog = SendWatchdog(deadline, self.settings.send_timeout_s)
                 try:
+                    follower.send_at_once(at_once)
                     while True:
+                        if queue.interrupted:
+                            queue.interrupted = False
+                            watchdog.since = asyncio.get_running_loop().time()
+                            await at_once.finish()
+                            watchdog.since = None
+                            follower.send_at_once(at_once)
                         batch = await follower.next_batch(heartbeat_s)
+                        if queue.interrupted:
+                            continue
                         if not batch:
                             head = await follower.check_head()
                             heartbeat = protocol.encode(protocol.Heartbeat(head=head)).decode()
@@ -253,6 +276,8 @@ class ViewerSession:
                         await self._send_batch(batch, watchdog)
                         sent.inc(len(batch))
                 finally:
+                    follower.send_at_once(None)
+                    at_once.close()
                     watchdog.stop()
         except FellBehind:
             self.services.metrics.slow_closes.inc()
@@ -387,5 +412,5 @@ class ViewerSession:
             try:
                 async with asyncio.timeout(_CLOSE_WAIT_S):
                     await self.websocket.close(code=code, reason=reason[:120])
-            except (RuntimeError, OSError, TimeoutError):
+            except (RuntimeError, OSError, TimeoutError, WebSocketDisconnect):
                 pass  # already gone, or not reading: the transport is dropped behind us
