@@ -1,6 +1,6 @@
 """Pacing one WebSocket session: a rate limit for what the client sends, a send timeout
-for what the server sends, and sending at once from the fan-out loop. No I/O of their
-own."""
+for what the server sends, sending at once from the fan-out loop, and stopping the reader
+when the writer ends. No I/O of their own."""
 
 from __future__ import annotations
 
@@ -69,6 +69,42 @@ class SendWatchdog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class StopReader:
+    """A done callback for the writer's task: cancels the reader's ``task`` when the writer
+    ends, and again every ``again_s`` until the reader ends (a cancel can be lost in a
+    Redis command). Its cancels are undone with ``uncancel`` once the reader has ended,
+    as ``asyncio.timeout`` does, so a cancellation from outside is told apart."""
+
+    __slots__ = ("_again_s", "_cancels", "_ended", "_task", "_timer")
+
+    def __init__(self, task: asyncio.Task[Any], again_s: float) -> None:
+        self._task = task
+        self._again_s = again_s
+        self._cancels = 0
+        self._ended = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, _: object = None) -> None:
+        self._timer = None
+        if self._ended:
+            return
+        self._cancels += 1
+        self._task.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self._again_s, self)
+
+    def reader_ended(self) -> bool:
+        """Stop cancelling and undo this one's cancels; whether the task is still being
+        cancelled from elsewhere."""
+        self._ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._cancels:
+            self._cancels -= 1
+            self._task.uncancel()
+        return self._task.cancelling() > 0
 
 
 class SendAtOnce:

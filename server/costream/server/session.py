@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, cast
 
 import msgspec
@@ -38,10 +39,11 @@ from costream.protocol import (
 )
 from costream.server.guard import origin_allowed
 from costream.server.hub import FellBehind, Follower
-from costream.server.pacing import RateLimit, SendAtOnce, SendWatchdog
+from costream.server.pacing import RateLimit, SendAtOnce, SendWatchdog, StopReader
 from costream.store import mint_id
 
 if TYPE_CHECKING:
+    from costream.broker import LogState
     from costream.server.deps import Services
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,18 @@ class Close(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """Where a session starts, and what its ``welcome`` tells."""
+
+    follower: Follower
+    state: LogState
+    replay: bool
+    model: str
+    name: str | None  # the display name the client gave
+    snapshot: bytes | None  # MESSAGES_SNAPSHOT to send after welcome
 
 
 class ViewerSession:
@@ -106,6 +120,29 @@ class ViewerSession:
             raise Close(CLOSE_BAD_ORIGIN, "origin not allowed")
 
     async def _serve_accepted(self) -> None:
+        # Only the follower stays in this frame for the session's life: the welcome (up
+        # to PRESENCE_MAX_PEOPLE decoded people) and a snapshot would otherwise be kept
+        # by every idle viewer.
+        start = await self._start()
+        follower = start.follower
+        services = self.services
+        async with follower:
+            self.follower = follower
+            services.sessions.add(self)
+            try:
+                await self._welcome(start)
+                del start
+                services.metrics.viewers.add(1)
+                try:
+                    await self._run_tasks()
+                finally:
+                    services.metrics.viewers.add(-1)
+            finally:
+                services.sessions.discard(self)
+                await self._leave_presence()
+
+    async def _start(self) -> _Start:
+        """Hello, the checks, then where this client starts."""
         hello = await self._receive_hello()
         services = self.services
         conversation = await services.store.get(self.conversation_id)
@@ -133,45 +170,37 @@ class ViewerSession:
         snapshot = None if replay else await services.broker.read_snapshot(self.conversation_id)
         if snapshot is not None:
             start = protocol.seq_of(snapshot)
-
         follower = Follower(
             services.hub, self.conversation_id, start, self.settings.viewer_queue_frames
         )
-        async with follower:
-            self.follower = follower
-            services.sessions.add(self)
-            try:
-                person = self._person(hello.name)
-                viewers = await services.broker.presence_join(
-                    self.conversation_id,
-                    self.viewer_id,
-                    self.settings.presence_ttl_ms,
-                    protocol.encoder.encode(person),
-                )
-                people = await services.broker.presence_people(self.conversation_id)
-                welcome = protocol.Welcome(
-                    conversation_id=self.conversation_id,
-                    epoch=state.epoch,
-                    head=state.head,
-                    role=role,
-                    viewers=viewers,
-                    mode="replay" if replay else "snapshot",
-                    model=conversation.model,
-                    people=[_person_decoder.decode(entry) for entry in people],
-                    viewer_id=self.viewer_id,
-                )
-                self.presence_told = protocol.presence_frame(viewers, people).decode()
-                await self._send(protocol.encode(welcome).decode())
-                if snapshot is not None:
-                    await self._send(snapshot.decode())
-                services.metrics.viewers.add(1)
-                try:
-                    await self._run_tasks()
-                finally:
-                    services.metrics.viewers.add(-1)
-            finally:
-                services.sessions.discard(self)
-                await self._leave_presence()
+        return _Start(follower, state, replay, conversation.model, hello.name, snapshot)
+
+    async def _welcome(self, start: _Start) -> None:
+        """Join presence, then send ``welcome`` and the snapshot, if any."""
+        broker = self.services.broker
+        person = self._person(start.name)
+        viewers = await broker.presence_join(
+            self.conversation_id,
+            self.viewer_id,
+            self.settings.presence_ttl_ms,
+            protocol.encoder.encode(person),
+        )
+        people = await broker.presence_people(self.conversation_id)
+        welcome = protocol.Welcome(
+            conversation_id=self.conversation_id,
+            epoch=start.state.epoch,
+            head=start.state.head,
+            role=self.role,
+            viewers=viewers,
+            mode="replay" if start.replay else "snapshot",
+            model=start.model,
+            people=[_person_decoder.decode(entry) for entry in people],
+            viewer_id=self.viewer_id,
+        )
+        self.presence_told = protocol.presence_frame(viewers, people).decode()
+        await self._send(protocol.encode(welcome).decode())
+        if start.snapshot is not None:
+            await self._send(start.snapshot.decode())
 
     async def _leave_presence(self) -> None:
         try:
@@ -217,27 +246,32 @@ class ViewerSession:
         return frame
 
     async def _run_tasks(self) -> None:
-        """Run the reader and the writer until either ends; re-raise what ended it.
-        (Not a TaskGroup: it would wrap a ``Close`` in an ExceptionGroup.)"""
-        reader = asyncio.create_task(self._reader())
+        """Run the reader in this task (the connection's own) and the writer in a second
+        one until either ends; re-raise what ended it. One task fewer per idle viewer than
+        a pair and ``asyncio.wait``; not a TaskGroup, which would wrap a ``Close`` in an
+        ExceptionGroup. The writer ending cancels this task, told apart from a
+        cancellation from outside by ``uncancel``, as ``asyncio.timeout`` does."""
+        this = asyncio.current_task()
+        assert this is not None
         writer = asyncio.create_task(self._writer())
+        stop = StopReader(this, _CANCEL_AGAIN_S)
+        writer.add_done_callback(stop)
         try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            await self._reader()
+        except asyncio.CancelledError:
+            if stop.reader_ended():
+                raise  # cancelled from outside (too)
         finally:
-            pending = {reader, writer}
-            while pending:
-                # Cancel again until both end: a cancel that lands inside a Redis command
+            stop.reader_ended()
+            while not writer.done():
+                # Cancel again until it ends: a cancel that lands inside a Redis command
                 # can be lost (seen with redis-py: the writer went on to wait for its next
                 # heartbeat), and then a bad frame after hello was never answered 4400.
-                for task in pending:
-                    task.cancel()
-                _, pending = await asyncio.wait(pending, timeout=_CANCEL_AGAIN_S)
-            for task in (reader, writer):
-                if not task.cancelled():
-                    task.exception()  # retrieved: the one that matters is re-raised below
-        for task in done:
-            if not task.cancelled() and (error := task.exception()) is not None:
-                raise error
+                writer.cancel()
+                await asyncio.wait((writer,), timeout=_CANCEL_AGAIN_S)
+            error = None if writer.cancelled() else writer.exception()  # retrieved, always
+        if error is not None:
+            raise error
 
     async def _writer(self) -> None:
         assert self.follower is not None
