@@ -16,7 +16,7 @@ policy and the page's Content-Security-Policy.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -118,18 +118,19 @@ class Guard:
         self.settings = settings
         self.headers = page_headers(settings)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine function: what it returns is awaited in its place, so a WebSocket
+        # (every idle viewer) holds no frame of this middleware for its life.
         if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
         if not host_allowed(host, self.settings):
-            await self._refuse(scope, send)
-            return
+            return self._refuse(scope, send)
         if scope["type"] == "websocket":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._http(scope, receive, send)
 
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)

@@ -9,7 +9,7 @@ import functools
 import time
 from collections.abc import Callable, Coroutine, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from costream.metrics import Counter
 
@@ -41,9 +41,11 @@ class SendWatchdog:
     """The send timeout of one writer: a batch still not sent after ``timeout_s`` ends
     the writer's ``asyncio.timeout`` block with TimeoutError.
 
-    The block is entered once for the writer's life with no deadline; one timer wakes at
-    most every ``timeout_s`` and, when the batch marked in ``since`` is overdue, moves the
-    block's deadline to now. So each batch costs an attribute write, not a timer
+    The block is entered once for the writer's life with no deadline; a batch calls
+    :meth:`begin` and :meth:`end`. One timer, armed by a ``begin`` when none is, wakes at
+    most every ``timeout_s`` while batches go out and, when the batch that began at
+    ``since`` is overdue, moves the block's deadline to now; it is not armed again while
+    the writer is idle (an idle viewer holds no timer of it). So a batch costs no timer
     scheduled and cancelled, and asyncio's own timeout owns the cancellation.
     """
 
@@ -54,16 +56,27 @@ class SendWatchdog:
         self._deadline = deadline
         self._timeout_s = timeout_s
         self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(timeout_s, self._check)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self) -> None:
+        """A batch starts being sent now."""
+        self.since = now = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(now + self._timeout_s, self._check)
+
+    def end(self) -> None:
+        """The batch is sent."""
+        self.since = None
 
     def _check(self) -> None:
+        self._timer = None
         now, since = self._loop.time(), self.since
-        if since is not None and now - since >= self._timeout_s:
-            self._timer = None
+        if since is None:
+            return  # idle: the next ``begin`` arms the timer again
+        if now - since >= self._timeout_s:
             self._deadline.reschedule(now)
             return
-        start = now if since is None else since
-        self._timer = self._loop.call_at(start + self._timeout_s, self._check)
+        self._timer = self._loop.call_at(since + self._timeout_s, self._check)
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -73,15 +86,15 @@ class SendWatchdog:
 
 class StopReader:
     """A done callback for the writer's task: cancels the reader's ``task`` when the writer
-    ends, and again every ``again_s`` until the reader ends (a cancel can be lost in a
+    ends, and again every ``AGAIN_S`` until the reader ends (a cancel can be lost in a
     Redis command). Its cancels are undone with ``uncancel`` once the reader has ended,
     as ``asyncio.timeout`` does, so a cancellation from outside is told apart."""
 
-    __slots__ = ("_again_s", "_cancels", "_ended", "_task", "_timer")
+    __slots__ = ("_cancels", "_ended", "_task", "_timer")
+    AGAIN_S: Final = 0.05
 
-    def __init__(self, task: asyncio.Task[Any], again_s: float) -> None:
+    def __init__(self, task: asyncio.Task[Any]) -> None:
         self._task = task
-        self._again_s = again_s
         self._cancels = 0
         self._ended = False
         self._timer: asyncio.TimerHandle | None = None
@@ -92,7 +105,7 @@ class StopReader:
             return
         self._cancels += 1
         self._task.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self._again_s, self)
+        self._timer = asyncio.get_running_loop().call_later(self.AGAIN_S, self)
 
     def reader_ended(self) -> bool:
         """Stop cancelling and undo this one's cancels; whether the task is still being

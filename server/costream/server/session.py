@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, cast
 
 import msgspec
+from starlette.datastructures import Headers
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from costream import names, protocol
@@ -50,7 +52,6 @@ log = logging.getLogger(__name__)
 
 _person_decoder = msgspec.json.Decoder(protocol.Person)
 _CLOSE_WAIT_S: Final = 2.0
-_CANCEL_AGAIN_S: Final = 0.05
 
 
 class Close(Exception):
@@ -116,16 +117,20 @@ class ViewerSession:
         await self.websocket.accept(subprotocol=chosen)
         if chosen != SUBPROTOCOL:
             raise Close(CLOSE_BAD_FRAME, f"subprotocol {SUBPROTOCOL} required")
-        if not origin_allowed(self.websocket.headers, self.settings):
+        # Not ``websocket.headers``: that keeps a Headers object for the session's life.
+        if not origin_allowed(Headers(scope=self.websocket.scope), self.settings):
             raise Close(CLOSE_BAD_ORIGIN, "origin not allowed")
 
     async def _serve_accepted(self) -> None:
-        # Only the follower stays in this frame for the session's life: the welcome (up
-        # to PRESENCE_MAX_PEOPLE decoded people) and a snapshot would otherwise be kept
-        # by every idle viewer.
+        """Run the reader in this task (the connection's own) and the writer in a second
+        one until either ends; re-raise what ended it. Not a TaskGroup, which would wrap
+        a ``Close`` in an ExceptionGroup. The writer ending cancels this task, told apart
+        from a cancellation from outside by ``uncancel``, as ``asyncio.timeout`` does."""
+        # Per idle viewer, as little as possible is kept: no third task, no asyncio.wait,
+        # and this frame keeps neither the welcome (up to PRESENCE_MAX_PEOPLE decoded
+        # people) nor a snapshot.
         start = await self._start()
-        follower = start.follower
-        services = self.services
+        follower, services = start.follower, self.services
         async with follower:
             self.follower = follower
             services.sessions.add(self)
@@ -133,10 +138,20 @@ class ViewerSession:
                 await self._welcome(start)
                 del start
                 services.metrics.viewers.add(1)
+                writer = asyncio.create_task(self._writer())
+                stop = StopReader(cast("asyncio.Task[None]", asyncio.current_task()))
+                writer.add_done_callback(stop)
                 try:
-                    await self._run_tasks()
+                    await self._reader()
+                except asyncio.CancelledError:
+                    if stop.reader_ended():
+                        raise  # cancelled from outside (too)
                 finally:
+                    stop.reader_ended()
                     services.metrics.viewers.add(-1)
+                    error = await self._writer_ended(writer)
+                if error is not None:
+                    raise error
             finally:
                 services.sessions.discard(self)
                 await self._leave_presence()
@@ -208,9 +223,9 @@ class ViewerSession:
         except StorageUnavailable:
             pass  # the entry expires on its own
 
-    async def _receive_text(self) -> str:
-        """The next frame's text; a binary frame closes 4400 (PROTOCOL.md: text only)."""
-        message = await self.websocket.receive()
+    @staticmethod
+    def _text(message: Message) -> str:
+        """A received message's text; a binary frame closes 4400 (PROTOCOL.md: text only)."""
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
         text = message.get("text")
@@ -221,7 +236,7 @@ class ViewerSession:
     async def _receive_hello(self) -> protocol.Hello:
         try:
             async with asyncio.timeout(self.settings.hello_timeout_s):
-                text = await self._receive_text()
+                text = self._text(await self.websocket.receive())
         except TimeoutError:
             raise Close(CLOSE_BAD_FRAME, "no hello in time") from None
         frame = self._decode(text)
@@ -245,33 +260,16 @@ class ViewerSession:
             raise Close(CLOSE_BAD_FRAME, "bad frame: not JSON") from None
         return frame
 
-    async def _run_tasks(self) -> None:
-        """Run the reader in this task (the connection's own) and the writer in a second
-        one until either ends; re-raise what ended it. One task fewer per idle viewer than
-        a pair and ``asyncio.wait``; not a TaskGroup, which would wrap a ``Close`` in an
-        ExceptionGroup. The writer ending cancels this task, told apart from a
-        cancellation from outside by ``uncancel``, as ``asyncio.timeout`` does."""
-        this = asyncio.current_task()
-        assert this is not None
-        writer = asyncio.create_task(self._writer())
-        stop = StopReader(this, _CANCEL_AGAIN_S)
-        writer.add_done_callback(stop)
-        try:
-            await self._reader()
-        except asyncio.CancelledError:
-            if stop.reader_ended():
-                raise  # cancelled from outside (too)
-        finally:
-            stop.reader_ended()
-            while not writer.done():
-                # Cancel again until it ends: a cancel that lands inside a Redis command
-                # can be lost (seen with redis-py: the writer went on to wait for its next
-                # heartbeat), and then a bad frame after hello was never answered 4400.
-                writer.cancel()
-                await asyncio.wait((writer,), timeout=_CANCEL_AGAIN_S)
-            error = None if writer.cancelled() else writer.exception()  # retrieved, always
-        if error is not None:
-            raise error
+    @staticmethod
+    async def _writer_ended(writer: asyncio.Task[None]) -> BaseException | None:
+        """Cancel the writer until it ends; what it raised, retrieved either way."""
+        while not writer.done():
+            # Cancel again until it ends: a cancel that lands inside a Redis command can be
+            # lost (seen with redis-py: the writer went on to wait for its next heartbeat),
+            # and then a bad frame after hello was never answered 4400.
+            writer.cancel()
+            await asyncio.wait((writer,), timeout=StopReader.AGAIN_S)
+        return None if writer.cancelled() else writer.exception()
 
     async def _writer(self) -> None:
         assert self.follower is not None
@@ -295,9 +293,9 @@ class ViewerSession:
                     while True:
                         if queue.interrupted:
                             queue.interrupted = False
-                            watchdog.since = asyncio.get_running_loop().time()
+                            watchdog.begin()
                             await at_once.finish()
-                            watchdog.since = None
+                            watchdog.end()
                             follower.send_at_once(at_once)
                         batch = await follower.next_batch(heartbeat_s)
                         if queue.interrupted:
@@ -344,8 +342,9 @@ class ViewerSession:
 
     async def _reader(self) -> None:
         assert self.follower is not None
+        receive = self.websocket.receive
         while True:
-            frame = self._decode(await self._receive_text())
+            frame = self._decode(self._text(await receive()))
             if isinstance(frame, protocol.Hello):
                 raise Close(CLOSE_BAD_FRAME, "hello was already sent")
             if not self.frames.allow():
@@ -418,14 +417,14 @@ class ViewerSession:
     async def _send_batch(self, batch: list[str], watchdog: SendWatchdog) -> None:
         """Send frames in order, under one timeout for the batch (the ``watchdog``'s)."""
         send = self.websocket.send
-        watchdog.since = asyncio.get_running_loop().time()
+        watchdog.begin()
         try:
             for frame in batch:
                 if protocol.is_presence_frame(frame) and not self._presence_changed(frame):
                     continue
                 await send({"type": "websocket.send", "text": frame})
         finally:
-            watchdog.since = None
+            watchdog.end()
 
     async def _send(self, text: str) -> None:
         try:
