@@ -210,6 +210,23 @@ async def test_recent_frames_of_a_conversation_stay_within_their_byte_bound() ->
     await broker.close()
 
 
+async def test_a_burst_of_small_frames_stays_in_memory_for_catch_ups() -> None:
+    """15 000 small frames (a producer at full speed for most of a second): a follower that
+    fell behind at the start of the burst catches up from the hub's memory, not the broker."""
+    broker = MemoryBroker(log_retain=100_000)
+    hub = Hub(broker, Metrics())
+    await broker.start(hub.on_frame, hub.on_resync)
+    conversation_id, lease = await _run(hub)
+    async with Follower(hub, conversation_id, 0, queue_size=1000):
+        for i in range(15_000):
+            await broker.append(lease, [_delta(i)])
+        texts = hub.recent_after(conversation_id, 2, 1000)
+        assert texts is not None
+        assert [json.loads(text)["seq"] for text in texts] == list(range(3, 1003))
+        assert hub.recent_bytes(conversation_id) <= Settings().recent_frames_bytes
+    await broker.close()
+
+
 async def test_waiting_follower_takes_live_frames_at_once_in_order(hub: Hub) -> None:
     """A caught-up follower with a sender gets live frames through it, in order and once
     each, without its writer waking; a frame after a hole goes through the log instead."""
@@ -217,7 +234,12 @@ async def test_waiting_follower_takes_live_frames_at_once_in_order(hub: Hub) -> 
     sent: list[int] = []
     async with Follower(hub, conversation_id, 0, queue_size=100) as follower:
         assert await _drain(follower, 1) == [1]
-        follower.send_at_once(lambda frame: sent.append(json.loads(frame)["seq"]))
+
+        def send(payload: bytes) -> bool:
+            sent.append(json.loads(payload)["seq"])
+            return True
+
+        follower.send_at_once(send)
         writer = asyncio.create_task(follower.next_batch(timeout=30))
         await asyncio.sleep(0)  # the writer parks in its wait
         for i in range(10):

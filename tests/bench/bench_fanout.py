@@ -370,10 +370,12 @@ def row_a(outcome: Outcome) -> list[Any]:
 
 async def part_b(rig: Rig, args: argparse.Namespace) -> None:
     rows: list[list[Any]] = []
-    rates: dict[tuple[str, int], list[float]] = {}
-    per_frame: dict[tuple[str, int], list[float]] = {}
+    # Per (viewers, tokens): one (costream, reference) pair of each figure per repetition.
+    rates: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    per_frame: dict[tuple[int, int], list[tuple[float, float]]] = {}
     for viewers, tokens in zip(args.viewers_b, args.fast_tokens, strict=True):
         for _ in range(args.repeat_b):
+            figures: dict[str, tuple[float, float]] = {}
             for system in ("reference", "costream"):
                 outcome = await measure(
                     rig,
@@ -386,8 +388,7 @@ async def part_b(rig: Rig, args: argparse.Namespace) -> None:
                     batch=args.batch,
                     resume=args.resume,
                 )
-                rates.setdefault((system, viewers), []).append(outcome.delivered_per_s)
-                per_frame.setdefault((system, viewers), []).append(outcome.cpu_us_per_frame())
+                figures[system] = (outcome.delivered_per_s, outcome.cpu_us_per_frame())
                 loss = outcome.expected - outcome.received
                 rows.append(
                     [
@@ -412,6 +413,9 @@ async def part_b(rig: Rig, args: argparse.Namespace) -> None:
                     flush=True,
                 )
                 await asyncio.sleep(2)
+            mine, reference = figures["costream"], figures["reference"]
+            rates.setdefault((viewers, tokens), []).append((mine[0], reference[0]))
+            per_frame.setdefault((viewers, tokens), []).append((mine[1], reference[1]))
     print()
     print(
         table(
@@ -437,27 +441,29 @@ async def part_b(rig: Rig, args: argparse.Namespace) -> None:
         )
     )
     ratio_rows = []
-    for viewers in args.viewers_b:
-        mine = statistics.median(rates[("costream", viewers)])
-        reference = statistics.median(rates[("reference", viewers)])
-        cpu_mine = statistics.median(per_frame[("costream", viewers)])
-        cpu_reference = statistics.median(per_frame[("reference", viewers)])
+    for (viewers, tokens), pairs in rates.items():
+        cpu_pairs = per_frame[(viewers, tokens)]
         ratio_rows.append(
             [
                 viewers,
-                mine,
-                reference,
-                mine / reference,
-                cpu_mine,
-                cpu_reference,
-                cpu_mine / cpu_reference,
+                tokens,
+                len(pairs),
+                statistics.median(mine for mine, _ in pairs),
+                statistics.median(reference for _, reference in pairs),
+                statistics.median(mine / reference for mine, reference in pairs),
+                statistics.median(mine for mine, _ in cpu_pairs),
+                statistics.median(reference for _, reference in cpu_pairs),
+                statistics.median(mine / reference for mine, reference in cpu_pairs),
             ]
         )
     print(
         table(
-            "(b) median delivered frames/s and server CPU per delivered frame, costream / reference, same run",
+            "(b) medians over the repetitions of delivered frames/s and server CPU per delivered"
+            " frame; ratios costream / reference taken within each repetition",
             [
                 "viewers",
+                "tokens",
+                "runs",
                 "costream",
                 "reference",
                 "ratio",

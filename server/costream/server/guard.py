@@ -24,6 +24,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from costream.config import Settings
+from costream.server.wire import keep_server_send
 
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
@@ -127,6 +128,7 @@ class Guard:
         if not host_allowed(host, self.settings):
             return self._refuse(scope, send)
         if scope["type"] == "websocket":
+            keep_server_send(scope, send)  # for frames written straight to it (wire.py)
             return self.app(scope, receive, send)
         return self._http(scope, receive, send)
 

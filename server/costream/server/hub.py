@@ -13,10 +13,10 @@ live tail" into one ordered stream:
 
 Per-viewer cost stays flat as viewers pile in. Presence is not a log: at most one count
 per conversation per ``PRESENCE_INTERVAL_S``, and a queue keeps only the latest. The last
-``RECENT_FRAMES`` frames of a conversation (at most ``recent_frames_bytes``) stay in
-memory for catch-ups. A follower whose writer waits, caught up, takes live frames at once
-(:meth:`Follower.send_at_once`): the fan-out loop hands each to its sender, as a bare
-forwarder's loop does, with no task woken per frame and viewer.
+frames of a conversation, ``recent_frames_bytes`` of memory, stay in memory for catch-ups:
+a follower that fell behind in a burst is fed from there, not from the broker. A follower whose writer waits, caught up, takes live frames at once
+(:meth:`Follower.send_at_once`): the fan-out loop hands each frame's bytes to its sender,
+as a bare forwarder's loop does, with no task woken per frame and viewer.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from costream.protocol import seq_of, seq_of_text
 
 _LOG_PAGE: Final = 1000
 PRESENCE_INTERVAL_S: Final = 0.25
-RECENT_FRAMES: Final = 2048
+RECENT_FRAMES: Final = 65536  # at most; the bound in bytes is the one that counts
+# What a frame in the ring costs besides its text: the tuple, the str header, the ints.
+_ENTRY_BYTES: Final = 160
 RECENT_FRAMES_BYTES: Final = 4 * 1024 * 1024  # Settings.recent_frames_bytes
 
 
@@ -87,7 +89,7 @@ class ViewerQueue:
     # One per viewer, idle ones too: slots, and lists (an empty deque is 760 bytes).
     __slots__ = (
         "_active_at", "_idle_deadline", "_idle_timer", "_metrics", "_timeout", "_waiter",
-        "control", "direct", "frames", "interrupted", "lagging", "maxsize", "presence", "resync",
+        "control", "direct", "frames", "lagging", "maxsize", "presence", "resync",
     )  # fmt: skip
 
     def __init__(self, maxsize: int, metrics: Metrics) -> None:
@@ -97,8 +99,7 @@ class ViewerQueue:
         self.presence: str | None = None  # the latest presence frame not yet sent
         self.lagging = False
         self.resync = False
-        self.interrupted = False  # the writer must look at its sender (``interrupt``)
-        self.direct: Callable[[str, int], bool] | None = None
+        self.direct: Callable[[bytes, int], bool] | None = None
         self._metrics = metrics
         self._waiter: asyncio.Future[bool] | None = None  # the follower waiting in ``wait``
         self._timeout = 0.0  # of the current ``wait``
@@ -113,17 +114,18 @@ class ViewerQueue:
             if not waiter.done():
                 waiter.set_result(True)
 
-    def offer(self, frame: str, seq: int = -1, now: float = 0.0) -> None:
-        """Queue a live frame (``seq`` its seq, ``now`` the loop time), or hand it to
-        ``direct`` when the writer waits with nothing queued."""
+    def offer(self, frame: str, seq: int = -1, now: float = 0.0, payload: bytes = b"") -> bool:
+        """Queue a live frame (``seq`` its seq, ``now`` the loop time, ``payload`` its
+        bytes), or hand it to ``direct`` when the writer waits with nothing queued: True
+        when ``direct`` sent it."""
         if self.lagging:
-            return
+            return False
         # The follower's way to send at once, while its writer waits with nothing queued.
         direct = self.direct
         if direct is not None and self._waiter is not None and not self.frames:
-            if direct(frame, seq):
+            if direct(payload, seq):
                 self._active_at = now
-                return
+                return True
         if len(self.frames) >= self.maxsize:
             # Never block the fan-out on one viewer: switch it to the log instead.
             self.frames.clear()
@@ -132,6 +134,7 @@ class ViewerQueue:
         else:
             self.frames.append(frame)
         self._wake()
+        return False
 
     def offer_presence(self, frame: str) -> None:
         """Replace any presence frame still waiting: only the latest count matters."""
@@ -142,11 +145,6 @@ class ViewerQueue:
         self.control.append(frame)
         self._wake()
 
-    def interrupt(self) -> None:
-        """Wake the writer for its sender's sake (a send to finish, or an error)."""
-        self.interrupted = True
-        self._wake()
-
     def mark_resync(self) -> None:
         """Frames may have been lost upstream: check the log."""
         self.resync = True
@@ -154,7 +152,7 @@ class ViewerQueue:
 
     async def wait(self, timeout: float) -> bool:
         """Wait until something is queued; False on timeout."""
-        if self.frames or self.control or self.presence or self.lagging or self.interrupted:
+        if self.frames or self.control or self.presence or self.lagging:
             return True
         if self.resync:
             return True
@@ -242,10 +240,13 @@ class Hub:
                 loop = asyncio.get_running_loop()
                 self._presence_timer = loop.call_later(PRESENCE_INTERVAL_S, self._send_presence)
             return
-        self._remember(conversation_id, seq, text, len(frame))
+        self._remember(conversation_id, seq, text, len(frame) + _ENTRY_BYTES)
         now = asyncio.get_running_loop().time()
+        sent = 0
         for queue in queues:
-            queue.offer(text, seq, now)
+            sent += queue.offer(text, seq, now, frame)
+        if sent:
+            self.metrics.frames_sent.inc(sent)
 
     def _remember(self, conversation_id: str, seq: int, text: str, size: int) -> None:
         """Keep a frame in the conversation's ring, within both bounds (frames, bytes)."""
@@ -353,7 +354,7 @@ class Follower:
         self.queue = ViewerQueue(queue_size, hub.metrics)
         self.logged_only = logged_only
         self._needs_log = True
-        self._sender: Callable[[str], None] | None = None
+        self._sender: Callable[[bytes], bool] | None = None
 
     async def __aenter__(self) -> Follower:
         await self.hub.attach(self.conversation_id, self.queue)
@@ -363,28 +364,27 @@ class Follower:
         self.queue.close()
         await self.hub.detach(self.conversation_id, self.queue)
 
-    def send_at_once(self, sender: Callable[[str], None] | None) -> None:
-        """While :meth:`next_batch` waits with nothing queued, hand the next live frame
-        straight to ``sender`` (called from the fan-out loop; it must not block, and calls
-        ``queue.interrupt()`` when the writer has to finish the send). None: stop."""
+    def send_at_once(self, sender: Callable[[bytes], bool] | None) -> None:
+        """While :meth:`next_batch` waits with nothing queued, hand the next live frame's
+        bytes straight to ``sender``, called from the fan-out loop: it sends without
+        waiting and answers True, or answers False (then the frame is queued for the
+        writer, which sends it in order). None: stop."""
         self._sender = sender
         self.queue.direct = None if sender is None else self._take_at_once
 
-    def _take_at_once(self, frame: str, seq: int) -> bool:
+    def _take_at_once(self, payload: bytes, seq: int) -> bool:
         sender = self._sender
         if sender is None or seq != self.last_sent + 1 or self._needs_log:
             return False  # a hole, or the log is due: the writer sorts it out
+        if not sender(payload):
+            return False
         self.last_sent = seq
-        sender(frame)
         return True
 
     async def next_batch(self, timeout: float) -> list[str]:
-        """The next frames to send, in order; [] when nothing came within ``timeout``,
-        or when the sender interrupted (``queue.interrupted`` tells which)."""
+        """The next frames to send, in order; [] when nothing came within ``timeout``."""
         queue = self.queue
         while True:
-            if queue.interrupted:
-                return []
             if queue.control:
                 batch, queue.control = queue.control, []
             else:

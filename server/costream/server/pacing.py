@@ -1,19 +1,13 @@
 """Pacing one WebSocket session: a rate limit for what the client sends, a send timeout
-for what the server sends, sending at once from the fan-out loop, and stopping the reader
-when the writer ends. No I/O of their own."""
+for what the server sends, and stopping the reader when the writer ends. No I/O of their
+own."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from collections.abc import Callable, Coroutine, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
-
-from costream.metrics import Counter
-
-ASGISend = Callable[[MutableMapping[str, Any]], Coroutine[Any, Any, None]]
 
 
 @dataclass(slots=True)
@@ -118,83 +112,3 @@ class StopReader:
             self._cancels -= 1
             self._task.uncancel()
         return self._task.cancelling() > 0
-
-
-class SendAtOnce:
-    """Sends a frame from outside the writer task (the hub's fan-out loop), for a send
-    that completes without waiting, as a bare forwarder's loop does: no queue, no task
-    woken per frame and viewer.
-
-    ``send`` is the ASGI send of the connection (Starlette's ``WebSocket.send``). Its
-    coroutine is stepped once, the way a task's first step runs it; uvicorn writes the
-    frame to the transport in that step unless the transport is paused. A send that has
-    to wait, or that fails, is kept, and ``on_stuck`` (which stops further frames coming
-    this way and wakes the writer) is called: the writer then ``finish``es it under its
-    send timeout before anything else is sent, so frames never interleave.
-    """
-
-    __slots__ = ("_counter", "_error", "_on_stuck", "_pending", "_send", "_yielded")
-
-    def __init__(self, send: ASGISend, counter: Counter, on_stuck: Callable[[], None]) -> None:
-        self._send = send
-        self._counter = counter  # frames sent
-        self._on_stuck = on_stuck
-        self._pending: Coroutine[Any, Any, None] | None = None
-        self._yielded: Any = None  # what the pending send waits for
-        self._error: Exception | None = None
-
-    def __call__(self, frame: str) -> None:
-        send = self._send({"type": "websocket.send", "text": frame})
-        try:
-            yielded = send.send(None)
-        except StopIteration:
-            self._counter.inc()
-            return
-        except Exception as error:
-            self._error = error
-        else:
-            self._pending, self._yielded = send, yielded
-        self._on_stuck()
-
-    def close(self) -> None:
-        """Drop a send left unfinished (the writer ended)."""
-        if self._pending is not None:
-            self._pending.close()
-            self._pending = self._yielded = None
-
-    async def finish(self) -> None:
-        """Complete the send that could not complete at once; raise what a send raised."""
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-        send, yielded = self._pending, self._yielded
-        self._pending = self._yielded = None
-        if send is None:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                # Wait for what the send waits for, as a task would, then resume it. Not
-                # ``await yielded``: a future already yielded once refuses a second await.
-                if yielded is None:
-                    waiter: asyncio.Future[None] = asyncio.ensure_future(asyncio.sleep(0))
-                else:
-                    waiter = loop.create_future()
-                    yielded.add_done_callback(functools.partial(_resolve, waiter))
-                try:
-                    await waiter
-                except asyncio.CancelledError:
-                    if yielded is None or not yielded.cancel():
-                        yielded = send.throw(asyncio.CancelledError())
-                        continue
-                    # Cancelled: the send reads that from the future when resumed.
-                yielded = send.send(None)
-        except StopIteration:
-            self._counter.inc()
-        finally:
-            send.close()
-
-
-def _resolve(waiter: asyncio.Future[None], _: object) -> None:
-    if not waiter.done():
-        waiter.set_result(None)

@@ -41,7 +41,8 @@ from costream.protocol import (
 )
 from costream.server.guard import origin_allowed
 from costream.server.hub import FellBehind, Follower
-from costream.server.pacing import RateLimit, SendAtOnce, SendWatchdog, StopReader
+from costream.server.pacing import RateLimit, SendWatchdog, StopReader
+from costream.server.wire import Wire
 from costream.store import mint_id
 
 if TYPE_CHECKING:
@@ -274,37 +275,28 @@ class ViewerSession:
     async def _writer(self) -> None:
         assert self.follower is not None
         follower = self.follower
-        queue = follower.queue
         sent = self.services.metrics.frames_sent
         heartbeat_s = self.settings.heartbeat_s
-        # Live frames go out from the fan-out loop while this task waits (no wake-up per
-        # frame); only what cannot be sent at once comes through here.
-        at_once = SendAtOnce(self.websocket.send, sent, self._stuck)
+        # Live frames go out from the fan-out loop, written to the transport, while this
+        # task waits (no wake-up per frame); what cannot be written at once comes here.
+        wire = Wire.of(self.websocket.scope)
         try:
             async with asyncio.timeout(None) as deadline:
                 watchdog = SendWatchdog(deadline, self.settings.send_timeout_s)
                 try:
-                    follower.send_at_once(at_once)
+                    if wire is not None:
+                        follower.send_at_once(wire.write)
                     while True:
-                        if queue.interrupted:
-                            queue.interrupted = False
-                            watchdog.begin()
-                            await at_once.finish()
-                            watchdog.end()
-                            follower.send_at_once(at_once)
                         batch = await follower.next_batch(heartbeat_s)
-                        if queue.interrupted:
-                            continue
                         if not batch:
                             head = await follower.check_head()
                             heartbeat = protocol.encode(protocol.Heartbeat(head=head)).decode()
-                            await self._send_batch([heartbeat], watchdog)
+                            await self._send_batch([heartbeat], watchdog, wire)
                             continue
-                        await self._send_batch(batch, watchdog)
+                        await self._send_batch(batch, watchdog, wire)
                         sent.inc(len(batch))
                 finally:
                     follower.send_at_once(None)
-                    at_once.close()
                     watchdog.stop()
         except FellBehind:
             self.services.metrics.slow_closes.inc()
@@ -314,11 +306,6 @@ class ViewerSession:
                 raise  # not the send timeout
             self.services.metrics.slow_closes.inc()
             raise Close(CLOSE_SLOW_CONSUMER, "not reading, reconnect and resume") from None
-
-    def _stuck(self) -> None:  # a method, not a closure: less kept per idle viewer
-        assert self.follower is not None
-        self.follower.send_at_once(None)
-        self.follower.queue.interrupt()
 
     def _person(self, name: str | None) -> protocol.Person:
         """This session's entry in presence: the name cleaned, a colour that stays with the
@@ -414,14 +401,24 @@ class ViewerSession:
     def _error(code: protocol.RefusalCode, message: str) -> str:
         return protocol.encode(protocol.Error(code=code, message=message)).decode()
 
-    async def _send_batch(self, batch: list[str], watchdog: SendWatchdog) -> None:
-        """Send frames in order, under one timeout for the batch (the ``watchdog``'s)."""
+    async def _send_batch(
+        self, batch: list[str], watchdog: SendWatchdog, wire: Wire | None
+    ) -> None:
+        """Send frames in order: the first ones in one transport write when the ``wire``
+        takes them now, the rest one by one under one timeout (the ``watchdog``'s)."""
+        frames = [
+            frame
+            for frame in batch
+            if not protocol.is_presence_frame(frame) or self._presence_changed(frame)
+        ]
+        if wire is not None:
+            del frames[: wire.write_texts(frames)]
+        if not frames:
+            return
         send = self.websocket.send
         watchdog.begin()
         try:
-            for frame in batch:
-                if protocol.is_presence_frame(frame) and not self._presence_changed(frame):
-                    continue
+            for frame in frames:
                 await send({"type": "websocket.send", "text": frame})
         finally:
             watchdog.end()
