@@ -20,7 +20,7 @@ from costream.config import Settings
 from costream.protocol import CLOSE_GOING_AWAY, RunFinished
 from costream.server.app import _maintain_once, create_app
 from costream.server.deps import Services
-from costream.server.hub import ViewerQueue
+from costream.server.viewer_queue import ViewerQueue
 from tests.support.front import Failover
 from tests.support.ready import until_ready
 from tests.support.redis import RedisServer

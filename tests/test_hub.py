@@ -14,7 +14,8 @@ from costream.broker import RunLease
 from costream.broker.memory import MemoryBroker
 from costream.config import Settings
 from costream.metrics import Metrics
-from costream.server.hub import FellBehind, Follower, Hub, ViewerQueue
+from costream.server.hub import FellBehind, Follower, Hub
+from costream.server.viewer_queue import ViewerQueue
 from costream.store import mint_id
 
 
@@ -235,11 +236,12 @@ async def test_waiting_follower_takes_live_frames_at_once_in_order(hub: Hub) -> 
     async with Follower(hub, conversation_id, 0, queue_size=100) as follower:
         assert await _drain(follower, 1) == [1]
 
-        def send(payload: bytes) -> bool:
-            sent.append(json.loads(payload)["seq"])
-            return True
+        class Sender:
+            def write(self, payload: bytes) -> bool:
+                sent.append(json.loads(payload)["seq"])
+                return True
 
-        follower.send_at_once(send)
+        follower.send_at_once(Sender())
         writer = asyncio.create_task(follower.next_batch(timeout=30))
         await asyncio.sleep(0)  # the writer parks in its wait
         for i in range(10):

@@ -4,10 +4,16 @@ frame header encodes differently (under 126 bytes, up to 65 535, beyond)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+import uvicorn
 from websockets.frames import Frame, Opcode
 
+from costream.config import Settings
+from costream.server.app import create_app
 from costream.server.wire import frame
+from tests.support.processes import free_port
 from tests.support.servers import ServerProcess
 from tests.support.ws import ahttp, create_conversation, open_session
 
@@ -52,3 +58,53 @@ async def test_live_frames_of_every_header_length_reach_a_viewer_whole(
     seqs = [event["seq"] for event in viewer.events()]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     await viewer.close()
+
+
+# uvicorn says its legacy implementation is deprecated; it is the one at hand without a
+# transport of the kind wire.py writes to.
+@pytest.mark.filterwarnings("ignore:The `websockets` implementation is deprecated:UserWarning")
+async def test_another_websocket_implementation_gets_frames_through_asgi() -> None:
+    """Served by uvicorn's legacy ``websockets`` implementation, which has no transport to
+    write to, a session sends through ASGI: a viewer gets a whole run, in order."""
+    app = create_app(Settings(data_dir=None))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets", log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(30):
+            while not server.started:
+                await asyncio.sleep(0.01)  # uvicorn offers no event for "listening"
+        url = f"http://127.0.0.1:{port}"
+        conversation = await create_conversation(url)
+        base = f"{url}/api/conversations/{conversation['id']}"
+        token = conversation["writeToken"]
+        viewer = await open_session(
+            f"ws://127.0.0.1:{port}/ws/conversations/{conversation['id']}",
+            conversation["id"],
+            conversation["viewToken"],
+        )
+        status, started = await ahttp("POST", f"{base}/runs", body={"input": "hi"}, token=token)
+        assert status == 201, started
+        run = f"{base}/runs/{started['runId']}"
+        events = [
+            {"type": "TEXT_MESSAGE_START", "messageId": "m1", "role": "assistant"},
+            *({"type": "TEXT_MESSAGE_CONTENT", "messageId": "m1", "delta": d} for d in "abc"),
+            {"type": "TEXT_MESSAGE_END", "messageId": "m1"},
+        ]
+        for event in events:
+            status, answer = await ahttp("POST", f"{run}/events", body=[event], token=token)
+            assert status == 202, answer
+        status, answer = await ahttp(
+            "POST", f"{run}/finish", body={"outcome": "success"}, token=token
+        )
+        assert status == 200, answer
+        await viewer.until_run_ends()
+        _, logged = await ahttp("GET", f"{base}/events", token=conversation["viewToken"])
+        assert viewer.events() == logged
+        assert [e["type"] for e in logged][-1] == "RUN_FINISHED" and len(logged) == 7
+        await viewer.close()
+    finally:
+        server.should_exit = True
+        await serving

@@ -424,8 +424,3 @@ def seq_of_text(frame: str) -> int:
     if not frame.startswith(SEQ_PREFIX):
         return 0
     return int(frame[_SEQ_DIGITS_FROM : frame.index(",", _SEQ_DIGITS_FROM)])
-
-
-def is_presence_frame(frame: str) -> bool:
-    """Whether a frame as text is a ``presence`` frame, read without decoding the JSON."""
-    return frame.startswith(PRESENCE_PREFIX)

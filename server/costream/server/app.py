@@ -7,7 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,9 +108,10 @@ async def page(request: Request) -> Response:
     return FileResponse(web_dir() / "index.html")
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
+def websocket_endpoint(websocket: WebSocket) -> Awaitable[None]:
+    # The session's coroutine itself, not one awaiting it: one frame fewer per viewer.
     services = services_of(websocket)
-    await ViewerSession(services, websocket, websocket.path_params["conversation_id"]).serve()
+    return ViewerSession(services, websocket, websocket.path_params["conversation_id"]).serve()
 
 
 # ---- lifecycle ----------------------------------------------------------------------

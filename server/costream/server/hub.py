@@ -14,7 +14,8 @@ live tail" into one ordered stream:
 Per-viewer cost stays flat as viewers pile in. Presence is not a log: at most one count
 per conversation per ``PRESENCE_INTERVAL_S``, and a queue keeps only the latest. The last
 frames of a conversation, ``recent_frames_bytes`` of memory, stay in memory for catch-ups:
-a follower that fell behind in a burst is fed from there, not from the broker. A follower whose writer waits, caught up, takes live frames at once
+a follower that fell behind in a burst is fed from there, not from the broker. A follower
+whose writer waits or is parked, caught up, takes live frames at once
 (:meth:`Follower.send_at_once`): the fan-out loop hands each frame's bytes to its sender,
 as a bare forwarder's loop does, with no task woken per frame and viewer.
 """
@@ -25,13 +26,21 @@ import asyncio
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from costream.broker import Broker
 from costream.metrics import Metrics
 from costream.protocol import seq_of, seq_of_text
+from costream.server.viewer_queue import ViewerQueue
+
+
+class Sender(Protocol):
+    def write(self, payload: bytes) -> bool:
+        """Send a frame's bytes without waiting, or answer False."""
+        ...
+
 
 _LOG_PAGE: Final = 1000
 PRESENCE_INTERVAL_S: Final = 0.25
@@ -77,123 +86,6 @@ async def resume_point(
     snapshot = await broker.read_snapshot(conversation_id)
     start = seq_of(snapshot) if snapshot is not None else 0
     return Resume(state.epoch, state.head, False, start, snapshot)
-
-
-class ViewerQueue:
-    """Live frames waiting for one follower, at most ``maxsize``.
-
-    ``offer`` never blocks: on overflow the queue empties itself and marks the follower as
-    lagging, and drops live frames until the follower has caught up from the log.
-    """
-
-    # One per viewer, idle ones too: slots, and lists (an empty deque is 760 bytes).
-    __slots__ = (
-        "_active_at", "_idle_deadline", "_idle_timer", "_metrics", "_timeout", "_waiter",
-        "control", "direct", "frames", "lagging", "maxsize", "presence", "resync",
-    )  # fmt: skip
-
-    def __init__(self, maxsize: int, metrics: Metrics) -> None:
-        self.maxsize = maxsize
-        self.frames: list[str] = []  # taken whole by the follower
-        self.control: list[str] = []  # replies to this client: pong, accepted, error
-        self.presence: str | None = None  # the latest presence frame not yet sent
-        self.lagging = False
-        self.resync = False
-        self.direct: Callable[[bytes, int], bool] | None = None
-        self._metrics = metrics
-        self._waiter: asyncio.Future[bool] | None = None  # the follower waiting in ``wait``
-        self._timeout = 0.0  # of the current ``wait``
-        self._idle_deadline = 0.0  # when the current ``wait`` times out
-        self._active_at = 0.0  # loop time of the last frame taken by ``direct``
-        self._idle_timer: asyncio.TimerHandle | None = None
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(True)
-
-    def offer(self, frame: str, seq: int = -1, now: float = 0.0, payload: bytes = b"") -> bool:
-        """Queue a live frame (``seq`` its seq, ``now`` the loop time, ``payload`` its
-        bytes), or hand it to ``direct`` when the writer waits with nothing queued: True
-        when ``direct`` sent it."""
-        if self.lagging:
-            return False
-        # The follower's way to send at once, while its writer waits with nothing queued.
-        direct = self.direct
-        if direct is not None and self._waiter is not None and not self.frames:
-            if direct(payload, seq):
-                self._active_at = now
-                return True
-        if len(self.frames) >= self.maxsize:
-            # Never block the fan-out on one viewer: switch it to the log instead.
-            self.frames.clear()
-            self.lagging = True
-            self._metrics.catch_ups.inc()
-        else:
-            self.frames.append(frame)
-        self._wake()
-        return False
-
-    def offer_presence(self, frame: str) -> None:
-        """Replace any presence frame still waiting: only the latest count matters."""
-        self.presence = frame
-        self._wake()
-
-    def reply(self, frame: str) -> None:
-        self.control.append(frame)
-        self._wake()
-
-    def mark_resync(self) -> None:
-        """Frames may have been lost upstream: check the log."""
-        self.resync = True
-        self._wake()
-
-    async def wait(self, timeout: float) -> bool:
-        """Wait until something is queued; False on timeout."""
-        if self.frames or self.control or self.presence or self.lagging:
-            return True
-        if self.resync:
-            return True
-        # Called once per frame per viewer: no asyncio.timeout (a timer scheduled and
-        # cancelled each time) but one idle timer per queue, moved on only when it fires.
-        loop = asyncio.get_running_loop()
-        self._timeout = timeout
-        deadline = self._idle_deadline = loop.time() + timeout
-        timer = self._idle_timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._idle_timer = loop.call_at(deadline, self._on_idle_timer)
-        waiter: asyncio.Future[bool] = loop.create_future()
-        self._waiter = waiter
-        try:
-            return await waiter
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
-
-    def _on_idle_timer(self) -> None:
-        self._idle_timer = None
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return  # not waiting: the next ``wait`` arms the timer again
-        loop = waiter.get_loop()
-        # Frames sent at once count as activity: idle means nothing sent for ``timeout``.
-        deadline = max(self._idle_deadline, self._active_at + self._timeout)
-        if loop.time() >= deadline:
-            self._waiter = None
-            waiter.set_result(False)
-        else:
-            self._idle_timer = loop.call_at(deadline, self._on_idle_timer)
-
-    def close(self) -> None:
-        """Drop the idle timer (the follower is gone)."""
-        self.direct = None
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
 
 
 class _ConversationLock:
@@ -267,8 +159,9 @@ class Hub:
         self._presence_timer = None
         pending, self._presence = self._presence, {}
         for conversation_id, text in pending.items():
+            payload = text.encode()
             for queue in self._queues.get(conversation_id, ()):
-                queue.offer_presence(text)
+                queue.offer_presence(text, payload)
 
     def recent_after(self, conversation_id: str, after_seq: int, limit: int) -> list[str] | None:
         """Frames with seq > ``after_seq`` from memory, or None when the ring does not
@@ -354,7 +247,8 @@ class Follower:
         self.queue = ViewerQueue(queue_size, hub.metrics)
         self.logged_only = logged_only
         self._needs_log = True
-        self._sender: Callable[[bytes], bool] | None = None
+        self._sender: Sender | None = None
+        self.presence_told = ""  # the presence frame this follower's client was told last
 
     async def __aenter__(self) -> Follower:
         await self.hub.attach(self.conversation_id, self.queue)
@@ -364,35 +258,52 @@ class Follower:
         self.queue.close()
         await self.hub.detach(self.conversation_id, self.queue)
 
-    def send_at_once(self, sender: Callable[[bytes], bool] | None) -> None:
-        """While :meth:`next_batch` waits with nothing queued, hand the next live frame's
+    def send_at_once(self, sender: Sender | None) -> None:
+        """While the writer waits or is parked with nothing queued, hand each live frame's
         bytes straight to ``sender``, called from the fan-out loop: it sends without
         waiting and answers True, or answers False (then the frame is queued for the
         writer, which sends it in order). None: stop."""
         self._sender = sender
-        self.queue.direct = None if sender is None else self._take_at_once
+        self.queue.direct = None if sender is None else self
 
-    def _take_at_once(self, payload: bytes, seq: int) -> bool:
+    def take_at_once(self, text: str, payload: bytes, seq: int) -> bool:
+        """Called by the queue: send a live frame (seq 0: presence) through the sender."""
         sender = self._sender
-        if sender is None or seq != self.last_sent + 1 or self._needs_log:
+        if sender is None:
+            return False
+        if seq == 0:  # presence: a change only, and none to a logged-only follower
+            if self.logged_only or text == self.presence_told:
+                return True
+            if not sender.write(payload):
+                return False
+            self.presence_told = text
+            return True
+        if seq != self.last_sent + 1 or self._needs_log:
             return False  # a hole, or the log is due: the writer sorts it out
-        if not sender(payload):
+        if not sender.write(payload):
             return False
         self.last_sent = seq
         return True
 
     async def next_batch(self, timeout: float) -> list[str]:
         """The next frames to send, in order; [] when nothing came within ``timeout``."""
+        while True:
+            batch = await self.take()
+            if batch or not await self.queue.wait(timeout):
+                return batch
+
+    async def take(self) -> list[str]:
+        """The frames to send now, in order, from the queue or the log; [] when none."""
         queue = self.queue
         while True:
             if queue.control:
                 batch, queue.control = queue.control, []
             else:
                 batch = []
-            if queue.presence is not None:
-                if not self.logged_only:
-                    batch.append(queue.presence)
-                queue.presence = None
+            presence, queue.presence = queue.presence, None
+            if presence is not None and not self.logged_only and presence != self.presence_told:
+                self.presence_told = presence  # its own join is already in the welcome
+                batch.append(presence)
             if queue.lagging or queue.resync:
                 queue.lagging = queue.resync = False
                 queue.frames.clear()
@@ -416,12 +327,8 @@ class Follower:
                         self._needs_log = True
                         break
                 self.last_sent = last_sent
-            if batch:
+            if batch or not self._needs_log:
                 return batch
-            if self._needs_log:
-                continue
-            if not await queue.wait(timeout):
-                return []
 
     async def check_head(self) -> int:
         """The log's head; if it is past what was sent, the next batch reads the log.

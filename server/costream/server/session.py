@@ -1,9 +1,11 @@
 """One WebSocket session: hello, auth, welcome, replay or snapshot, live tail, writes.
 
 Every rejection happens after the upgrade is accepted, with a close code (a browser sees
-no reason for a refused handshake). A reader, in the connection's own task, and a writer
-task per session; when one ends, the other is cancelled. The reader parses client frames
-and queues replies; the writer is the only one that sends, so frames never interleave.
+no reason for a refused handshake). A reader, in the connection's own task, parses client
+frames and queues replies. A writer task runs only while there is something to send and
+is the only one that sends (besides the fan-out loop writing a live frame while no writer
+runs), so frames never interleave. A writer that fails ends the session; the reader
+ending cancels the writer.
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ from typing import TYPE_CHECKING, Final, Literal, cast
 
 import msgspec
 from starlette.datastructures import Headers
-from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from costream import names, protocol
-from costream.bodies import MAX_JSON_DEPTH, json_depth_ok
 from costream.errors import (
     ExternallyProduced,
     NoRun,
@@ -39,6 +39,7 @@ from costream.protocol import (
     CLOSE_UNKNOWN_CONVERSATION,
     SUBPROTOCOL,
 )
+from costream.server.client_frames import Close, decode, text_of
 from costream.server.guard import origin_allowed
 from costream.server.hub import FellBehind, Follower
 from costream.server.pacing import RateLimit, SendWatchdog, StopReader
@@ -53,15 +54,6 @@ log = logging.getLogger(__name__)
 
 _person_decoder = msgspec.json.Decoder(protocol.Person)
 _CLOSE_WAIT_S: Final = 2.0
-
-
-class Close(Exception):
-    """End the session with this close code."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +72,9 @@ class ViewerSession:
     """Serves one WebSocket client of one conversation."""
 
     __slots__ = (
-        "conversation_id", "follower", "frames", "messages", "name", "presence_told", "role",
-        "services", "settings", "viewer_id", "websocket",
+        "conversation_id", "follower", "frames", "messages", "name", "role",
+        "services", "settings", "stop", "viewer_id", "websocket", "wire", "writer",
+        "writer_error",
     )  # fmt: skip
 
     def __init__(self, services: Services, websocket: WebSocket, conversation_id: str) -> None:
@@ -93,9 +86,12 @@ class ViewerSession:
         self.role: Literal["viewer", "writer"] = "viewer"
         self.follower: Follower | None = None
         self.name: str | None = None  # the display name it gave, cleaned
-        self.presence_told = ""  # the presence this client was last told, as a frame
-        self.messages = RateLimit(rate=0.5, burst=5)
+        self.messages: RateLimit | None = None  # made by the first message (writers only)
         self.frames = RateLimit(rate=20, burst=60)
+        self.wire: Wire | None = None  # the connection's transport, where frames can go
+        self.writer: asyncio.Task[None] | None = None  # running while there is work
+        self.writer_error: BaseException | None = None  # what a writer raised
+        self.stop: StopReader | None = None  # cancels the reader when a writer fails
 
     async def serve(self) -> None:
         metrics = self.services.metrics
@@ -121,15 +117,16 @@ class ViewerSession:
         # Not ``websocket.headers``: that keeps a Headers object for the session's life.
         if not origin_allowed(Headers(scope=self.websocket.scope), self.settings):
             raise Close(CLOSE_BAD_ORIGIN, "origin not allowed")
+        self.wire = Wire.of(self.websocket.scope)
 
     async def _serve_accepted(self) -> None:
-        """Run the reader in this task (the connection's own) and the writer in a second
-        one until either ends; re-raise what ended it. Not a TaskGroup, which would wrap
-        a ``Close`` in an ExceptionGroup. The writer ending cancels this task, told apart
-        from a cancellation from outside by ``uncancel``, as ``asyncio.timeout`` does."""
-        # Per idle viewer, as little as possible is kept: no third task, no asyncio.wait,
-        # and this frame keeps neither the welcome (up to PRESENCE_MAX_PEOPLE decoded
-        # people) nor a snapshot.
+        """Run the reader in this task (the connection's own), and a writer whenever there
+        is something to send, until the reader ends or a writer fails; re-raise what ended
+        it. A failed writer cancels this task, told apart from a cancellation from outside
+        by ``uncancel``, as ``asyncio.timeout`` does."""
+        # Per idle viewer, as little as possible is kept: no writer task (it ends when
+        # nothing is left to send), and this frame keeps neither the welcome (up to
+        # PRESENCE_MAX_PEOPLE decoded people) nor a snapshot.
         start = await self._start()
         follower, services = start.follower, self.services
         async with follower:
@@ -139,18 +136,22 @@ class ViewerSession:
                 await self._welcome(start)
                 del start
                 services.metrics.viewers.add(1)
-                writer = asyncio.create_task(self._writer())
-                stop = StopReader(cast("asyncio.Task[None]", asyncio.current_task()))
-                writer.add_done_callback(stop)
+                stop = self.stop = StopReader(cast("asyncio.Task[None]", asyncio.current_task()))
+                if self.wire is not None:
+                    follower.send_at_once(self.wire)
+                self.start_writer()  # the replay, or whatever came since the subscribe
                 try:
-                    await self._reader()
+                    receive = self.websocket.receive  # the reader: here, no coroutine of its own
+                    while True:
+                        await self._handle(decode(text_of(await receive())))
                 except asyncio.CancelledError:
                     if stop.reader_ended():
                         raise  # cancelled from outside (too)
                 finally:
                     stop.reader_ended()
                     services.metrics.viewers.add(-1)
-                    error = await self._writer_ended(writer)
+                    follower.queue.close()  # no writer starts from here on
+                    error = await self._writer_ended()
                 if error is not None:
                     raise error
             finally:
@@ -213,7 +214,7 @@ class ViewerSession:
             people=[_person_decoder.decode(entry) for entry in people],
             viewer_id=self.viewer_id,
         )
-        self.presence_told = protocol.presence_frame(viewers, people).decode()
+        start.follower.presence_told = protocol.presence_frame(viewers, people).decode()
         await self._send(protocol.encode(welcome).decode())
         if start.snapshot is not None:
             await self._send(start.snapshot.decode())
@@ -224,79 +225,71 @@ class ViewerSession:
         except StorageUnavailable:
             pass  # the entry expires on its own
 
-    @staticmethod
-    def _text(message: Message) -> str:
-        """A received message's text; a binary frame closes 4400 (PROTOCOL.md: text only)."""
-        if message["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
-        text = message.get("text")
-        if text is None:  # ASGI: a binary frame comes as "bytes", with "text" absent or None
-            raise Close(CLOSE_BAD_FRAME, "text frames only")
-        return cast(str, text)
-
     async def _receive_hello(self) -> protocol.Hello:
         try:
             async with asyncio.timeout(self.settings.hello_timeout_s):
-                text = self._text(await self.websocket.receive())
+                text = text_of(await self.websocket.receive())
         except TimeoutError:
             raise Close(CLOSE_BAD_FRAME, "no hello in time") from None
-        frame = self._decode(text)
+        frame = decode(text)
         if not isinstance(frame, protocol.Hello):
             raise Close(CLOSE_BAD_FRAME, "the first frame must be hello")
         if frame.conversation_id != self.conversation_id:
             raise Close(CLOSE_BAD_FRAME, "conversationId does not match the URL")
         return frame
 
-    @staticmethod
-    def _decode(text: str) -> protocol.ClientFrame:
-        # Checked before decoding: msgspec recurses once per level and would end a deep
-        # frame with RecursionError (a 1006 and a traceback) instead of 4400.
-        if not json_depth_ok(text):
-            raise Close(CLOSE_BAD_FRAME, f"bad frame: nested deeper than {MAX_JSON_DEPTH}")
-        try:
-            frame: protocol.ClientFrame = protocol.client_frame_decoder.decode(text)
-        except msgspec.ValidationError as error:
-            raise Close(CLOSE_BAD_FRAME, f"bad frame: {error}"[:120]) from None
-        except msgspec.DecodeError:
-            raise Close(CLOSE_BAD_FRAME, "bad frame: not JSON") from None
-        return frame
-
-    @staticmethod
-    async def _writer_ended(writer: asyncio.Task[None]) -> BaseException | None:
-        """Cancel the writer until it ends; what it raised, retrieved either way."""
-        while not writer.done():
+    async def _writer_ended(self) -> BaseException | None:
+        """Cancel the writer, if one runs, until it ends; what a writer raised."""
+        writer = self.writer
+        while writer is not None and not writer.done():
             # Cancel again until it ends: a cancel that lands inside a Redis command can be
             # lost (seen with redis-py: the writer went on to wait for its next heartbeat),
             # and then a bad frame after hello was never answered 4400.
             writer.cancel()
             await asyncio.wait((writer,), timeout=StopReader.AGAIN_S)
-        return None if writer.cancelled() else writer.exception()
+        return self.writer_error
+
+    def start_writer(self) -> None:
+        """Start a writer: called once the session is welcomed, then by the queue when
+        something comes for a parked writer."""
+        writer = self.writer = asyncio.get_running_loop().create_task(self._writer())
+        writer.add_done_callback(self._writer_done)
+
+    def _writer_done(self, writer: asyncio.Task[None]) -> None:
+        if self.writer is writer:
+            self.writer = None  # a parked session keeps no task
+        if writer.cancelled():
+            return  # by ``_writer_ended``: the session is ending
+        error = writer.exception()
+        if error is not None and self.writer_error is None:
+            self.writer_error = error
+            assert self.stop is not None
+            self.stop()
 
     async def _writer(self) -> None:
+        """Send what is queued, the log's pages and heartbeats, then park: end, leaving
+        the queue to start the next writer. Live frames go out from the fan-out loop,
+        written to the transport, while no writer runs; what cannot, comes here."""
         assert self.follower is not None
-        follower = self.follower
+        follower, queue, wire = self.follower, self.follower.queue, self.wire
         sent = self.services.metrics.frames_sent
-        heartbeat_s = self.settings.heartbeat_s
-        # Live frames go out from the fan-out loop, written to the transport, while this
-        # task waits (no wake-up per frame); what cannot be written at once comes here.
-        wire = Wire.of(self.websocket.scope)
         try:
             async with asyncio.timeout(None) as deadline:
                 watchdog = SendWatchdog(deadline, self.settings.send_timeout_s)
                 try:
-                    if wire is not None:
-                        follower.send_at_once(wire.write)
                     while True:
-                        batch = await follower.next_batch(heartbeat_s)
-                        if not batch:
+                        batch = await follower.take()
+                        if batch:
+                            await self._send_batch(batch, watchdog, wire)
+                            sent.inc(len(batch))
+                        elif queue.heartbeat_due:
+                            queue.heartbeat_due = False
                             head = await follower.check_head()
                             heartbeat = protocol.encode(protocol.Heartbeat(head=head)).decode()
                             await self._send_batch([heartbeat], watchdog, wire)
-                            continue
-                        await self._send_batch(batch, watchdog, wire)
-                        sent.inc(len(batch))
+                        elif queue.park(self, self.settings.heartbeat_s):
+                            return
                 finally:
-                    follower.send_at_once(None)
                     watchdog.stop()
         except FellBehind:
             self.services.metrics.slow_closes.inc()
@@ -319,30 +312,18 @@ class ViewerSession:
             name=self.name,
         )
 
-    def _presence_changed(self, frame: str) -> bool:
-        """Whether a presence frame tells this client something it has not been told yet
-        (its own join is already in ``welcome``)."""
-        if frame == self.presence_told:
-            return False
-        self.presence_told = frame
-        return True
-
-    async def _reader(self) -> None:
-        assert self.follower is not None
-        receive = self.websocket.receive
-        while True:
-            frame = self._decode(self._text(await receive()))
-            if isinstance(frame, protocol.Hello):
-                raise Close(CLOSE_BAD_FRAME, "hello was already sent")
-            if not self.frames.allow():
-                self._reply(self._error("rate_limited", "too many frames, slow down"))
-                continue
-            if isinstance(frame, protocol.Ping):
-                self._reply('{"type":"pong"}')
-            elif isinstance(frame, protocol.SendMessage):
-                self._reply(await self._start_run(frame.content))
-            elif isinstance(frame, protocol.Cancel) and (refusal := await self._cancel()):
-                self._reply(refusal)
+    async def _handle(self, frame: protocol.ClientFrame) -> None:
+        """One frame the client sent after hello; replies are queued for the writer."""
+        if isinstance(frame, protocol.Hello):
+            raise Close(CLOSE_BAD_FRAME, "hello was already sent")
+        if not self.frames.allow():
+            self._reply(self._error("rate_limited", "too many frames, slow down"))
+        elif isinstance(frame, protocol.Ping):
+            self._reply('{"type":"pong"}')
+        elif isinstance(frame, protocol.SendMessage):
+            self._reply(await self._start_run(frame.content))
+        elif isinstance(frame, protocol.Cancel) and (refusal := await self._cancel()):
+            self._reply(refusal)
 
     def _reply(self, frame: str) -> None:
         """Queue a reply for the writer; 4008 when this client lets more than the limits
@@ -367,6 +348,8 @@ class ViewerSession:
             return self._error("too_large", f"message longer than {limit} characters")
         if not content.strip():
             return self._error("bad_request", "message is empty")
+        if self.messages is None:
+            self.messages = RateLimit(rate=0.5, burst=5)
         if not self.messages.allow():
             return self._error("rate_limited", "too many messages, slow down")
         try:
@@ -406,24 +389,23 @@ class ViewerSession:
     ) -> None:
         """Send frames in order: the first ones in one transport write when the ``wire``
         takes them now, the rest one by one under one timeout (the ``watchdog``'s)."""
-        frames = [
-            frame
-            for frame in batch
-            if not protocol.is_presence_frame(frame) or self._presence_changed(frame)
-        ]
-        if wire is not None:
-            del frames[: wire.write_texts(frames)]
-        if not frames:
+        written = 0 if wire is None else wire.write_texts(batch)
+        if written == len(batch):
             return
         send = self.websocket.send
         watchdog.begin()
         try:
-            for frame in frames:
+            for frame in batch[written:]:
                 await send({"type": "websocket.send", "text": frame})
         finally:
             watchdog.end()
 
     async def _send(self, text: str) -> None:
+        """Send one frame before the writer runs (welcome, snapshot): written at once when
+        the wire takes it, so no timer is left behind (a cancelled one stays in the
+        loop's heap until its time)."""
+        if self.wire is not None and self.wire.write_texts([text]):
+            return
         try:
             async with asyncio.timeout(self.settings.send_timeout_s):
                 await self.websocket.send_text(text)
