@@ -279,10 +279,10 @@ class RedisBroker(Broker):
         if limit <= 0:
             return []
         with self._storage():
-            entries = await self._redis.xrange(
-                scripts.key(conversation_id, "log"), f"{max(after_seq, 0) + 1}-0", "+", count=limit
+            frames = await self._scripts.read_log(
+                keys=[scripts.key(conversation_id, "log")], args=[max(after_seq, 0) + 1, limit]
             )
-        return [fields[b"f"] for _, fields in cast(list[tuple[bytes, _Hash]], entries)]
+        return cast(list[bytes], frames)
 
     async def read_snapshot(self, conversation_id: str) -> bytes | None:
         with self._storage():

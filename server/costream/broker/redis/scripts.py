@@ -410,6 +410,18 @@ keep_alive(meta, now_ms(), 0)
 return answer
 """
 
+# READ_LOG (KEYS: log; ARGV: first seq, count): the frames from that seq on, a flat list.
+# XRANGE itself answers [[id, [field, frame]], ...], which redis-py parses in Python into
+# tuples and a dict per entry: on a catch-up or a replay that was most of the server's
+# work (bench_fanout.py --part b, bench_replay.py).
+READ_LOG: Final = """
+local frames = {}
+for i, entry in ipairs(redis.call('XRANGE', KEYS[1], ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])) do
+  frames[i] = entry[2][2]
+end
+return frames
+"""
+
 
 class Scripts:
     """Every script, registered with one client (redis-py loads each by its SHA on first use)."""
@@ -429,3 +441,4 @@ class Scripts:
         self.update_record = register(UPDATE_RECORD)
         self.add_to_record = register(ADD_TO_RECORD)
         self.collection = register(COLLECTION)
+        self.read_log = register(READ_LOG)
