@@ -11,7 +11,7 @@ import pytest
 from costream import protocol
 from costream.grammar import MAX_REMEMBERED, GrammarError, RunGrammar
 from tests.support.servers import ServerProcess
-from tests.support.ws import ahttp, create_conversation
+from tests.support.ws import ahttp, start_ingest_run
 
 
 def _text(kind: str, message_id: str = "m1", **fields: Any) -> dict[str, Any]:
@@ -72,13 +72,8 @@ BROKEN = {
 
 
 async def _run(server: ServerProcess) -> tuple[str, str, str]:
-    conversation = await create_conversation(server.url)
-    base = f"{server.url}/api/conversations/{conversation['id']}"
-    status, started = await ahttp(
-        "POST", f"{base}/runs", body={"input": "hi"}, token=conversation["writeToken"]
-    )
-    assert status == 201, started
-    return f"{base}/runs/{started['runId']}", conversation["writeToken"], conversation["viewToken"]
+    conversation, run = await start_ingest_run(server.url)
+    return run, conversation["writeToken"], conversation["viewToken"]
 
 
 @pytest.mark.parametrize("case", list(BROKEN))

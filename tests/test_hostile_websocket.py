@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 
 from costream.protocol import CLOSE_BAD_FRAME, CLOSE_SLOW_CONSUMER, SUBPROTOCOL
 from tests.support.servers import ServerProcess
-from tests.support.ws import ahttp, close_code, create_conversation, http
+from tests.support.ws import ahttp, close_code, create_conversation, http, start_ingest_run
 
 
 @pytest.fixture(params=["embedded", "redis"])
@@ -74,12 +74,8 @@ async def test_bad_frame_right_after_hello_is_closed_4400(
 
 async def _large_log(server: ServerProcess, megabytes: int) -> dict[str, str]:
     """A conversation whose log holds ``megabytes`` MB of text, published through ingest."""
-    conversation = await create_conversation(server.url)
-    base = f"{server.url}/api/conversations/{conversation['id']}"
+    conversation, run = await start_ingest_run(server.url)
     token = conversation["writeToken"]
-    status, started = await ahttp("POST", f"{base}/runs", body={"input": "hi"}, token=token)
-    assert status == 201, started
-    run = f"{base}/runs/{started['runId']}"
     batches: list[list[dict[str, str]]] = [[{"type": "TEXT_MESSAGE_START", "messageId": "m"}]]
     for _ in range(2 * megabytes):
         batches.append([{"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": "x" * 500_000}])

@@ -15,7 +15,7 @@ from costream.server.app import create_app
 from costream.server.wire import frame
 from tests.support.processes import free_port
 from tests.support.servers import ServerProcess
-from tests.support.ws import ahttp, create_conversation, open_session
+from tests.support.ws import ahttp, open_session, start_ingest_run
 
 SIZES = [0, 1, 125, 126, 127, 65_535, 65_536, 200_000]
 
@@ -32,12 +32,8 @@ async def test_live_frames_of_every_header_length_reach_a_viewer_whole(
     """A caught-up viewer gets each live frame as it is logged (written from the fan-out
     loop): deltas whose frames fall on each side of the header's length boundaries arrive
     intact, in order, each once."""
-    conversation = await create_conversation(server.url)
-    base = f"{server.url}/api/conversations/{conversation['id']}"
+    conversation, run = await start_ingest_run(server.url)
     token = conversation["writeToken"]
-    status, started = await ahttp("POST", f"{base}/runs", body={"input": "hi"}, token=token)
-    assert status == 201, started
-    run = f"{base}/runs/{started['runId']}"
     viewer = await open_session(
         server.ws_url(conversation["id"]), conversation["id"], conversation["viewToken"]
     )
@@ -77,17 +73,13 @@ async def test_another_websocket_implementation_gets_frames_through_asgi() -> No
             while not server.started:
                 await asyncio.sleep(0.01)  # uvicorn offers no event for "listening"
         url = f"http://127.0.0.1:{port}"
-        conversation = await create_conversation(url)
-        base = f"{url}/api/conversations/{conversation['id']}"
+        conversation, run = await start_ingest_run(url)
         token = conversation["writeToken"]
         viewer = await open_session(
             f"ws://127.0.0.1:{port}/ws/conversations/{conversation['id']}",
             conversation["id"],
             conversation["viewToken"],
         )
-        status, started = await ahttp("POST", f"{base}/runs", body={"input": "hi"}, token=token)
-        assert status == 201, started
-        run = f"{base}/runs/{started['runId']}"
         events = [
             {"type": "TEXT_MESSAGE_START", "messageId": "m1", "role": "assistant"},
             *({"type": "TEXT_MESSAGE_CONTENT", "messageId": "m1", "delta": d} for d in "abc"),
@@ -101,7 +93,8 @@ async def test_another_websocket_implementation_gets_frames_through_asgi() -> No
         )
         assert status == 200, answer
         await viewer.until_run_ends()
-        _, logged = await ahttp("GET", f"{base}/events", token=conversation["viewToken"])
+        log_url = run.rsplit("/runs/", 1)[0] + "/events"
+        _, logged = await ahttp("GET", log_url, token=conversation["viewToken"])
         assert viewer.events() == logged
         assert [e["type"] for e in logged][-1] == "RUN_FINISHED" and len(logged) == 7
         await viewer.close()

@@ -50,6 +50,17 @@ async def create_conversation(base_url: str, **body: Any) -> dict[str, Any]:
     return dict(created)
 
 
+async def start_ingest_run(base_url: str) -> tuple[dict[str, Any], str]:
+    """A new conversation whose run an external producer has started (ingest): the
+    conversation and the run's URL (``/events`` and ``/finish`` go under it)."""
+    conversation = await create_conversation(base_url)
+    base = f"{base_url}/api/conversations/{conversation['id']}"
+    token = conversation["writeToken"]
+    status, started = await ahttp("POST", f"{base}/runs", body={"input": "hi"}, token=token)
+    assert status == 201, started
+    return conversation, f"{base}/runs/{started['runId']}"
+
+
 @dataclass
 class Session:
     """One raw WebSocket session past ``welcome``."""

@@ -79,10 +79,10 @@ class SendWatchdog:
 
 
 class StopReader:
-    """A done callback for the writer's task: cancels the reader's ``task`` when the writer
-    ends, and again every ``AGAIN_S`` until the reader ends (a cancel can be lost in a
-    Redis command). Its cancels are undone with ``uncancel`` once the reader has ended,
-    as ``asyncio.timeout`` does, so a cancellation from outside is told apart."""
+    """Called when a writer fails: cancels the reader's ``task``, and again every
+    ``AGAIN_S`` until the reader ends (a cancel can be lost in a Redis command). Its
+    cancels are undone with ``uncancel`` once the reader has ended, as ``asyncio.timeout``
+    does, so a cancellation from outside is told apart."""
 
     __slots__ = ("_cancels", "_ended", "_task", "_timer")
     AGAIN_S: Final = 0.05
